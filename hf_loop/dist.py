@@ -1,0 +1,220 @@
+"""Process topology and the few collectives hf_loop needs.
+
+This is the only module that reads the launcher's environment (``RANK``, ``WORLD_SIZE``, ...) or calls
+``torch.distributed``. Everything else takes a :class:`DistEnv` as an argument, so one process can test any rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("hf_loop")
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """The best device here: CUDA (the process's local GPU), then MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistEnv:
+    """Where this process sits: its rank among ``world_size`` processes and the device it computes on.
+
+    Example:
+        >>> env = DistEnv()                      # one process on CPU
+        >>> env.is_main, env.world_size
+        (True, 1)
+        >>> DistEnv(rank=1, world_size=4).is_main  # a simulated rank, e.g. in a test
+        False
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when collectives must run: several processes in an initialised process group."""
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(backend: str | None = None, timeout: float | timedelta | None = None) -> DistEnv:
+    """Join the process group that ``torchrun`` describes, or return a single-process environment.
+
+    Reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``; ``MASTER_ADDR``/``MASTER_PORT`` are
+    read by torch itself). Without them, or with ``WORLD_SIZE=1``, no process group is created.
+
+    Args:
+        backend: "nccl" or "gloo"; default nccl when CUDA is available, else gloo.
+        timeout: seconds (or a timedelta) collectives wait before failing; torch's default when None.
+
+    Example:
+        >>> env = init_distributed()    # under `torchrun --nproc_per_node=2 train.py`: rank 0 or 1
+        >>> env.world_size
+        1
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = default_device(local_rank)
+    if world_size == 1:
+        return DistEnv(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=timeout)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group if one exists (safe to call twice, or when none was created)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device_for_collectives() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(value: float | int | torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """Reduce a number or tensor over all ranks ("sum", "min" or "max"); identity on one process."""
+    tensor = torch.as_tensor(value)
+    if not env.distributed:
+        return tensor
+    reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    work = tensor.detach().to(_device_for_collectives(), copy=True)
+    dist.all_reduce(work, op=reduce_op)
+    return work.to(tensor.device)
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Gather one picklable object from every rank, in rank order; ``[obj]`` on one process."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank; no-op on one process."""
+    if env.distributed:
+        dist.barrier()
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of examples in a collated batch (first dimension of its first tensor, or its length)."""
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        for value in batch.values():
+            if isinstance(value, list):
+                return len(value)
+        return 0
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, (list, tuple)):
+        return batch_size_of(batch[0]) if batch and isinstance(batch[0], (dict, torch.Tensor)) else len(batch)
+    return 1
+
+
+class even_steps:  # noqa: N801 - used like a function: `for batch in hl.even_steps(loader, env)`
+    """Iterate ``loader`` so that every rank runs the same number of steps.
+
+    Before each step the ranks agree (all-reduce MIN of a "have a batch" flag) and all stop as soon as one runs
+    dry, so uneven streams cannot hang DDP. After the loop, ``steps``, ``leftover_batches`` and
+    ``leftover_examples`` (this rank's batch in hand when the others ran out) say what happened; rank 0 logs a
+    warning with the total over all ranks.
+
+    Example:
+        >>> for batch in even_steps(loader, env):       # doctest: +SKIP
+        ...     loss = model(**batch).loss; loss.backward(); optimizer.step()
+    """
+
+    def __init__(self, loader: Iterable, env: DistEnv) -> None:
+        self.loader = loader
+        self.env = env
+        self.steps = 0
+        self.leftover_batches = 0
+        self.leftover_examples = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        while True:
+            batch = next(iterator, _END)
+            have = 0 if batch is _END else 1
+            if int(all_reduce(have, self.env, op="min")) == 0:
+                if batch is not _END:
+                    self.leftover_batches = 1
+                    self.leftover_examples = batch_size_of(batch)
+                self._report()
+                return
+            self.steps += 1
+            yield batch
+
+    def _report(self) -> None:
+        total = all_reduce(torch.tensor([self.leftover_batches, self.leftover_examples]), self.env, op="sum")
+        if self.env.is_main and int(total[0]) > 0:
+            logger.warning(
+                "even_steps: ranks stopped together after %d steps; %d rank(s) still had data "
+                "(%d examples in hand were not used this epoch)",
+                self.steps, int(total[0]), int(total[1]),
+            )
+
+
+_END = object()
+
+
+def is_picklable(obj: Any) -> bool:
+    """True when ``obj`` survives pickling (what DataLoader workers under spawn need)."""
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
