@@ -204,7 +204,9 @@ class even_steps:  # noqa: N801 - used like a function: `for batch in hl.even_st
             logger.warning(
                 "even_steps: ranks stopped together after %d steps; %d rank(s) still had data "
                 "(%d examples in hand were not used this epoch)",
-                self.steps, int(total[0]), int(total[1]),
+                self.steps,
+                int(total[0]),
+                int(total[1]),
             )
 
 

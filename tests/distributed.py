@@ -17,8 +17,12 @@ def free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     import hf_loop as hl
 
@@ -40,7 +44,9 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -51,8 +57,9 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         except Exception:  # a process died without reporting (or hung): kill the rest and fail
             for p in procs:
                 p.kill()
-            raise AssertionError(f"distributed run: no answer within {timeout}s; exit codes "
-                                 f"{[p.exitcode for p in procs]}") from None
+            raise AssertionError(
+                f"distributed run: no answer within {timeout}s; exit codes {[p.exitcode for p in procs]}"
+            ) from None
         if error:
             failures.append(f"rank {rank}:\n{error}")
         results[rank] = result
