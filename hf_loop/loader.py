@@ -31,15 +31,13 @@ class _BatchIndices(list):
 
 class _Batches:
     """Batch sampler over an hf_loop sampler: groups an index sampler's stream into batches (or passes a batch
-    sampler's batches through) and tags each batch with its rng_key. Records how far its latest iterator got, so
-    the Loader can tell "epoch finished" from "stopped mid-epoch" without counting prefetched batches."""
+    sampler's batches through) and tags each batch with its rng_key."""
 
     def __init__(self, sampler: Any, batch_size: int | None, drop_last: bool, seed: int) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.seed = seed
-        self.total_batches: int | None = None  # batches in the latest iteration, once it ran to the end
 
     def _stride(self) -> tuple[int, int]:
         if isinstance(self.sampler, hs.DistributedSampler):
@@ -48,16 +46,12 @@ class _Batches:
 
     def __iter__(self) -> Iterator[_BatchIndices]:
         # DataLoader calls iter() more than once per epoch with workers: this must not change sampler state.
-        self.total_batches = None
         world, rank = self._stride()
         start, epoch = getattr(self.sampler, "start", 0), getattr(self.sampler, "epoch", 0)
-        count = 0
         for first_item, batch in self._group():
             tagged = _BatchIndices(int(i) for i in batch)
             tagged.rng_key = (self.seed, epoch, start + first_item * world + rank)
-            count += 1
             yield tagged
-        self.total_batches = count
 
     def _group(self) -> Iterator[tuple[int, list[int]]]:
         if getattr(self.sampler, "yields_batches", False):
@@ -212,13 +206,10 @@ class Loader(DataLoader):
                 f"sampler {type(sampler).__name__} has no state_dict(), so this loader cannot be resumed; "
                 "use one of hf_loop's samplers (hl.RandomSampler, hl.WeightedSampler, ...)"
             )
-        finished = self._batches.total_batches is not None and k >= self._batches.total_batches
-        if finished:
-            state = sampler.state_dict(0)
+        items = k if getattr(sampler, "yields_batches", False) else k * self._batches.batch_size
+        state = sampler.state_dict(items)
+        if self._epoch_done(sampler, state["position"]):  # nothing left: resume at the next epoch's start
             state.update(epoch=self.epoch + 1, position=0)
-        else:
-            items = k if getattr(sampler, "yields_batches", False) else k * self._batches.batch_size
-            state = sampler.state_dict(items)
         return {
             "kind": "map",
             "epoch": int(state["epoch"]),
@@ -226,6 +217,14 @@ class Loader(DataLoader):
             "world_size": self.env.world_size,
             "sampler": state,
         }
+
+    def _epoch_done(self, sampler: Any, position: int) -> bool:
+        left = max(sampler._epoch_size(sampler.epoch) - position, 0)
+        world = getattr(sampler, "num_replicas", 1)
+        per_rank = left // world if getattr(sampler, "drop_last", False) else -(-left // world)
+        if getattr(sampler, "yields_batches", False):
+            return per_rank == 0
+        return per_rank == 0 or (self._batches.drop_last and per_rank < self._batches.batch_size)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`: the next pass yields exactly the batches not yet consumed.
@@ -243,10 +242,12 @@ class Loader(DataLoader):
         if self._tracker is not None:
             self._tracker.load_state_dict({k: v for k, v in state.items() if k != "kind"})
             return
-        if state["batch_size"] * state["world_size"] != self._batches.batch_size * self.env.world_size:
+        saved = (state["batch_size"] or 1) * state["world_size"]
+        now = (self._batches.batch_size or 1) * self.env.world_size
+        if saved != now:
+            unit = "batches" if self._batches.batch_size is None else "examples"
             warnings.warn(
-                f"resuming with a global batch of {self._batches.batch_size * self.env.world_size} examples "
-                f"(saved with {state['batch_size'] * state['world_size']}): the example order continues "
+                f"resuming with a global batch of {now} {unit} (saved with {saved}): the example order continues "
                 "exactly, but optimizer steps now cover a different number of examples",
                 stacklevel=2,
             )
