@@ -80,11 +80,13 @@ def _rows_of(columns: Any) -> tuple[dict[str, Any], int]:
     keys = list(columns[0]) if columns else []
     for i, row in enumerate(columns):
         if row.keys() != columns[0].keys():
-            missing = [k for k in keys if k not in row] or [k for k in row if k not in columns[0]]
-            where = f"row {i}" if missing[0] in columns[0] else "row 0"
+            absent = [k for k in keys if k not in row]
+            field, where, present = (
+                (absent[0], i, 0) if absent else (next(k for k in row if k not in keys), 0, i)
+            )
             raise ValueError(
-                f"field {missing[0]!r} is missing in {where} but present in another row; every row needs the "
-                "same fields (fill the gap in the dataset or the transform, or drop the field)"
+                f"field {field!r} is missing in row {where} (present in row {present}); every row needs the same "
+                "fields: fill the gap in the dataset or the transform, or drop the field"
             )
     return {k: [row[k] for row in columns] for k in keys}, len(columns)
 
@@ -212,7 +214,9 @@ def _read_python(name: str, values: list) -> Any:
     kinds = {_kind_name(v) for v in values}
     if len(kinds) > 1:
         raise _find_bad(name, values, kind if kind in _NUMERIC else next(iter(kinds)))
-    return _Stack(np.array([v.item() if hasattr(v, "item") else v for v in values]))
+    if isinstance(first, torch.Tensor):
+        return _Stack(torch.stack(values).numpy(force=True))
+    return _Stack(np.array(values))  # numpy scalars keep their dtype
 
 
 def _read(name: str, values: Any) -> Any:
@@ -384,7 +388,7 @@ class PadCollator:
         longest = int(field.lengths.max()) if n else 0
         if pad is None:
             if n and (field.lengths != longest).any():
-                bad = int(np.flatnonzero(field.lengths != longest)[0])
+                bad = int(np.flatnonzero(field.lengths != field.lengths[0])[0])
                 why = (
                     "its pad value is None" if name in self.pad_values else f"{dtype} fields have no default"
                 )

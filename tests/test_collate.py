@@ -1,0 +1,225 @@
+"""PadCollator: property tests against a plain Python reference, every input form, dtypes and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hf_loop as hl
+
+
+def reference_pad(seqs, pad, side="right", multiple=None, max_length=None, truncation_side="right"):
+    """The obvious Python padding, one token at a time: what PadCollator must equal."""
+    if max_length is not None:
+        seqs = [
+            s[:max_length] if truncation_side == "right" else s[max(0, len(s) - max_length) :] for s in seqs
+        ]
+    width = max(len(s) for s in seqs)
+    if multiple:
+        width = (width + multiple - 1) // multiple * multiple
+    out, mask = [], []
+    for s in seqs:
+        gap = width - len(s)
+        out.append(s + [pad] * gap if side == "right" else [pad] * gap + s)
+        mask.append([1] * len(s) + [0] * gap if side == "right" else [0] * gap + [1] * len(s))
+    return out, mask
+
+
+def as_input(rows, form):
+    """The same batch as rows of lists, a columnar dict of arrays, tensors, or hl.Columns over Arrow."""
+    if form == "rows":
+        return rows
+    names = list(rows[0])
+    if form == "numpy":
+        return {k: [np.array(r[k], dtype=np.int64) for r in rows] for k in names}
+    if form == "torch":
+        return [{k: torch.tensor(r[k], dtype=torch.long) for k in names} for r in rows]
+    # Arrow with a non-zero offset: slice a longer array, as a take/slice of a table does
+    columns = {
+        k: pa.array([[7, 7]] + [r[k] for r in rows], type=pa.list_(pa.int64())).slice(1) for k in names
+    }
+    return hl.Columns(columns)
+
+
+lengths_st = st.lists(st.integers(0, 40), min_size=1, max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=lengths_st,
+    side=st.sampled_from(["left", "right"]),
+    truncation_side=st.sampled_from(["left", "right"]),
+    multiple=st.one_of(st.none(), st.integers(1, 8)),
+    max_factor=st.one_of(st.none(), st.integers(1, 6)),
+    form=st.sampled_from(["rows", "numpy", "torch", "arrow"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_the_reference(lengths, side, truncation_side, multiple, max_factor, form, seed):
+    rng = np.random.default_rng(seed)
+    rows = [
+        {"input_ids": rng.integers(0, 50, n).tolist(), "labels": rng.integers(0, 9, n).tolist()}
+        for n in lengths
+    ]
+    max_length = None if max_factor is None else max_factor * (multiple or 1)
+    collate = hl.PadCollator(
+        {"input_ids": 3},
+        pad_to_multiple_of=multiple,
+        max_length=max_length,
+        padding_side=side,
+        truncation_side=truncation_side,
+    )
+    out = collate(as_input(rows, form))
+    ids, mask = reference_pad([r["input_ids"] for r in rows], 3, side, multiple, max_length, truncation_side)
+    labels, _ = reference_pad([r["labels"] for r in rows], -100, side, multiple, max_length, truncation_side)
+    assert out["input_ids"].tolist() == ids and out["input_ids"].dtype == torch.int64
+    assert out["labels"].tolist() == labels
+    assert out["attention_mask"].tolist() == mask and out["attention_mask"].dtype == torch.int64
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4)), min_size=1, max_size=5),
+    side=st.sampled_from(["left", "right"]),
+    multiple=st.one_of(st.none(), st.integers(1, 4)),
+)
+def test_nd_fields_pad_every_ragged_dimension(shapes, side, multiple):
+    rows = [{"boxes": np.arange(a * b, dtype=np.float32).reshape(a, b) + 1} for a, b in shapes]
+    out = hl.PadCollator({"boxes": -1.0}, padding_side=side, pad_to_multiple_of=multiple)(rows)["boxes"]
+    width = max(a for a, _ in shapes)
+    width = -(-width // multiple) * multiple if multiple else width
+    depth = max(b for _, b in shapes)
+    assert out.shape == (len(rows), width, depth) and out.dtype == torch.float32
+    for got, (a, b), row in zip(out, shapes, rows):
+        expected = np.full((width, depth), -1.0, dtype=np.float32)
+        if side == "right":
+            expected[:a, :b] = row["boxes"]
+        else:
+            expected[width - a :, depth - b :] = row["boxes"]
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_scalars_strings_and_dtypes():
+    rows = [
+        {"input_ids": [1, 2], "label": 1, "score": 0.5, "flag": True, "id": "a", "half": np.float16(1)},
+        {"input_ids": [3], "label": 0, "score": 1.5, "flag": False, "id": "b", "half": np.float16(2)},
+    ]
+    out = hl.PadCollator()(rows)
+    assert out["label"].dtype == torch.int64 and out["label"].tolist() == [1, 0]
+    assert out["score"].dtype == torch.float32 and out["score"].tolist() == [0.5, 1.5]
+    assert out["flag"].dtype == torch.bool and out["id"] == ["a", "b"]
+    assert out["half"].dtype == torch.float16
+    floats = hl.PadCollator({"w": 0.0})({"w": [[0.5, 1.0], [2.0]], "input_ids": [[1, 2], [3]]})
+    assert floats["w"].dtype == torch.float32 and floats["w"].tolist() == [[0.5, 1.0], [2.0, 0.0]]
+    kept = hl.PadCollator({"w": 0})(
+        {"w": [np.array([1, 2], dtype=np.float16), np.array([3], dtype=np.float16)]}
+    )
+    assert kept["w"].dtype == torch.float16
+    words = hl.PadCollator()({"tokens": [["a", "b"], ["c"]], "input_ids": [[1, 2], [3]]})
+    assert words["tokens"] == [["a", "b"], ["c"]]
+
+
+def test_attention_mask_comes_from_positions_not_ids():
+    rows = [{"input_ids": [0, 5, 0]}, {"input_ids": [0]}]  # pad id 0 appears inside real tokens (pad == eos)
+    out = hl.PadCollator({"input_ids": 0})(rows)
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    own = hl.PadCollator()(
+        [{"input_ids": [4, 5], "attention_mask": [1, 0]}, {"input_ids": [6], "attention_mask": [1]}]
+    )
+    assert own["attention_mask"].tolist() == [[1, 0], [1, 0]]  # the rows' own mask, padded with 0
+    assert "attention_mask" not in hl.PadCollator(attention_mask=None)(rows)
+    with pytest.raises(ValueError, match=r"'inputs_embeds' is ragged \(row 0 has 1 values, row 1 has 2\)"):
+        hl.PadCollator()({"inputs_embeds": [[1.0], [2.0, 3.0]]})  # floats have no pad value: never guessed
+    embeds = hl.PadCollator({"inputs_embeds": 0.0}, attention_mask="mask")(
+        {"inputs_embeds": [np.ones((1, 2)), np.ones((3, 2))]}
+    )
+    assert embeds["mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_rectangular_fields_without_pad_value_are_stacked_unchanged():
+    images = [np.full((3, 4, 4), i, dtype=np.uint8) for i in range(2)]
+    out = hl.PadCollator(pad_to_multiple_of=8)({"pixel_values": images, "input_ids": [[1], [2, 3]]})
+    assert out["pixel_values"].shape == (2, 3, 4, 4)
+    assert out["input_ids"].shape == (2, 8)
+    same = hl.PadCollator({"ids": None}, pad_to_multiple_of=4)({"ids": [[1, 2], [3, 4]]})
+    assert same["ids"].tolist() == [[1, 2], [3, 4]]
+
+
+def test_chunked_arrow_and_columnar_dicts():
+    chunked = pa.chunked_array([pa.array([[1, 2, 3]]), pa.array([[4]])])
+    out = hl.PadCollator()(hl.Columns({"input_ids": chunked, "labels": pa.array([1, 0])}))
+    assert out["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and out["labels"].tolist() == [1, 0]
+    matrix = hl.PadCollator(pad_to_multiple_of=4)({"input_ids": np.array([[1, 2], [3, 4]])})
+    assert matrix["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 0, 0]]
+    assert hl.PadCollator()([]) == {}
+
+
+def test_for_tokenizer_matches_data_collator_with_padding(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    rows = [dict(tok("w1 w2 w3 w4", return_token_type_ids=True)), dict(tok("w5", return_token_type_ids=True))]
+    ours = hl.PadCollator.for_tokenizer(tok, pad_to_multiple_of=4)(rows)
+    theirs = DataCollatorWithPadding(tok, pad_to_multiple_of=4)(copy.deepcopy(rows))
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert ours[key].tolist() == theirs[key].tolist(), key
+    labelled = hl.PadCollator.for_tokenizer(tok)(
+        [{"input_ids": [5, 6], "labels": [1, 2]}, {"input_ids": [7], "labels": [3]}]
+    )
+    assert labelled["labels"].tolist() == [[1, 2], [-100, 3]]
+    tok.pad_token = None
+    with pytest.raises(
+        ValueError, match=r"has no pad token; set one, e.g. tokenizer.pad_token = tokenizer.eos_token"
+    ):
+        hl.PadCollator.for_tokenizer(tok)
+
+
+def test_errors_name_the_field_and_the_row():
+    collate = hl.PadCollator()
+    with pytest.raises(ValueError, match="field 'b' is missing in row 1"):
+        collate([{"a": 1, "b": 2}, {"a": 3}])
+    with pytest.raises(ValueError, match="field 'c' is missing in row 0"):
+        collate([{"a": 1}, {"a": 3, "c": 2}])
+    with pytest.raises(
+        ValueError, match=r"field 'w' is ragged \(row 0 has 2 values, row 1 has 1\).*pad_values=\{'w': 0.0\}"
+    ):
+        collate({"w": [[0.5, 1.0], [2.0]]})
+    with pytest.raises(ValueError, match=r"field 'ids' is ragged.*its pad value is None"):
+        hl.PadCollator({"ids": None})({"ids": [[1, 2], [3]]})
+    with pytest.raises(TypeError, match=r"field 'input_ids' mixes dtypes: row 1 holds float 2.5"):
+        collate([{"input_ids": [1, 2]}, {"input_ids": [2.5]}])
+    with pytest.raises(
+        TypeError, match=r"field 'input_ids', row 2: got str 'x' where int values are expected"
+    ):
+        collate({"input_ids": [[1], [2], [3, "x"]]})
+    with pytest.raises(TypeError, match=r"field 'label', row 1: got NoneType None"):
+        collate({"label": [1, None]})
+    with pytest.raises(TypeError, match=r"field 'm' mixes dtypes: row 0 is int64, row 1 is float32"):
+        collate({"m": [np.zeros((2, 2), np.int64), np.zeros((2, 2), np.float32)]})
+    with pytest.raises(ValueError, match=r"field 'input_ids', row 1 is null"):
+        collate(hl.Columns({"input_ids": pa.array([[1], None])}))
+    with pytest.raises(ValueError, match=r"field 'n', row 1: nested lists of uneven lengths"):
+        collate({"n": [[[1, 2]], [[1, 2], [3]]]})
+    with pytest.raises(
+        TypeError, match="expected a list of row dicts, a dict of columns or hl.Columns, got list of int"
+    ):
+        collate([1, 2])
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'center'"):
+        hl.PadCollator(padding_side="center")
+    with pytest.raises(ValueError, match="max_length=10 is not a multiple of pad_to_multiple_of=4"):
+        hl.PadCollator(max_length=10, pad_to_multiple_of=4)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int or None, got 0"):
+        hl.PadCollator(pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="pad value 0.5 for the integer field 'input_ids' is not an integer"):
+        hl.PadCollator({"input_ids": 0.5})({"input_ids": [[1], [2, 3]]})
+    with pytest.raises(TypeError, match="pad value for field 'input_ids' must be a number, got str"):
+        hl.PadCollator({"input_ids": "[PAD]"})({"input_ids": [[1], [2, 3]]})
