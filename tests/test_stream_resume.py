@@ -1,0 +1,143 @@
+"""StreamDataset through hl.make_loader: exact resume, epochs with persistent workers, equal steps on 2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_loop as hl
+from tests.distributed import run_distributed
+from tests.test_stream import hf_stream, sizes_for, write_shards
+
+SIZES = [13, 7, 22, 9, 17]  # uneven shards, row groups of 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("resume"), SIZES)
+
+
+def loader_for(files, num_workers: int, **kw):
+    stream = hl.StreamDataset(hf_stream(files), shuffle_buffer=12, seed=4, bucket="input_ids")
+    return hl.make_loader(stream, batch_size=4, num_workers=num_workers, collate_fn=hl.PadCollator(), **kw)
+
+
+def ids(batches) -> list[list[int]]:
+    return [b["id"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_resume_yields_exactly_the_batches_not_consumed(files, num_workers):
+    reference = loader_for(files, num_workers)
+    reference.set_epoch(1)
+    full = ids(reference)
+    assert sorted(i for b in full for i in b) == list(range(sum(SIZES)))
+    cuts = [0, 1, 2, 5, len(full) - 2, len(full) - 1, len(full)] if num_workers == 2 else [3, len(full) - 1]
+    for cut in cuts:
+        loader = loader_for(files, num_workers)
+        loader.set_epoch(1)
+        seen = []
+        for batch in loader:  # run ahead of what was consumed, as prefetching does
+            seen.append(batch)
+            if len(seen) == cut + 3:  # near the end: the pass runs to completion
+                break
+        state = loader.state_dict(consumed=cut)
+        assert ids(seen[:cut]) == full[:cut]
+        resumed = loader_for(files, num_workers)
+        resumed.load_state_dict(state)
+        if cut == len(full):  # a finished pass resumes at the start of the next epoch
+            assert state["epoch"] == 2
+            reference.set_epoch(2)
+            assert ids(resumed) == ids(reference)
+        else:
+            assert ids(resumed) == full[cut:], cut
+
+
+def test_resume_twice_and_with_persistent_workers(files):
+    reference = loader_for(files, 2)
+    full = ids(reference)
+    first = loader_for(files, 2, persistent_workers=True)
+    taken = []
+    for batch in first:
+        taken.append(batch)
+        if len(taken) == 3:
+            break
+    second = loader_for(files, 2, persistent_workers=True)
+    second.load_state_dict(first.state_dict())
+    more = []
+    for batch in second:
+        more.append(batch)
+        if len(more) == 4:
+            break
+    third = loader_for(files, 2)
+    third.load_state_dict(second.state_dict())  # a second resume continues, never restarts the epoch
+    rest = ids(third)
+    assert ids(taken) + ids(more) + rest == full
+    assert rest == full[7:]
+    assert third.state_dict()["epoch"] == 1
+
+
+def test_set_epoch_reaches_persistent_workers(files):
+    loader = loader_for(files, 2, persistent_workers=True)
+    epochs = [ids(loader) for _ in range(3)]  # the Loader advances the epoch after each complete pass
+    fresh = loader_for(files, 2)
+    for epoch, seen in enumerate(epochs):
+        assert sorted(i for b in seen for i in b) == list(range(sum(SIZES)))
+        fresh.set_epoch(epoch)
+        assert ids(fresh) == seen
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_state_from_another_plan_is_refused(files):
+    state = loader_for(files, 2).state_dict(consumed=0)
+    with pytest.raises(ValueError, match="different plan.*num_workers: saved 2, now 1"):
+        loader_for(files, 1).load_state_dict(state)
+    other = hl.make_loader(
+        hl.StreamDataset(hf_stream(files), shuffle_buffer=12, seed=5, bucket="input_ids"),
+        batch_size=4,
+        num_workers=2,
+    )
+    with pytest.raises(ValueError, match="seed: saved 4, now 5"):
+        other.load_state_dict(state)
+    state["plan"]["shards"] = 99
+    with pytest.raises(ValueError, match="shards: saved 99, now 5"):
+        loader_for(files, 2).load_state_dict(state)
+
+
+def test_state_is_plain_and_loads_with_weights_only(files, tmp_path):
+    loader = loader_for(files, 2)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    path = tmp_path / "state.pt"
+    torch.save(loader.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    resumed = loader_for(files, 2)
+    resumed.load_state_dict(state)
+    assert ids(resumed) == ids(loader_for(files, 2))[2:]
+
+
+def _even_steps_on_two_ranks(env, files):
+    stream = hl.StreamDataset(hf_stream(files), shuffle_buffer=8, seed=0)
+    # num_workers=0: under a spawned rank DataLoader workers would spawn too (seconds of imports each)
+    loader = hl.make_loader(stream, batch_size=4, env=env, num_workers=0, collate_fn=hl.PadCollator())
+    own = sum(len(b["id"]) for b in loader)  # this rank's share: the shards are uneven
+    steps = hl.even_steps(loader, env)
+    for batch in steps:
+        total = torch.tensor([len(batch["id"])])
+        torch.distributed.all_reduce(total)  # a collective every step: an extra step on one rank would hang
+    return {"steps": steps.steps, "own": own, "left": steps.leftover_examples}
+
+
+def test_even_steps_on_two_real_ranks_with_uneven_shards(tmp_path):
+    files = write_shards(tmp_path, [40, 4, 4])  # rank 0 gets 40 examples, rank 1 gets 8
+    results = run_distributed(_even_steps_on_two_ranks, world_size=2, args=(files,))
+    assert results[0]["steps"] == results[1]["steps"] == 2
+    big, small = sorted(results, key=lambda r: -r["own"])
+    assert (big["own"], small["own"]) == (40, 8)
+    assert (big["left"], small["left"]) == (4, 0)  # the rank with data left stopped with a batch in hand
+
+
+def test_plan_examples_match_the_sizes(files):
+    plan = hl.StreamDataset(hf_stream(files)).plan(num_workers=2, world_size=3)
+    assert plan.mode == "row groups"
+    assert sum(r.examples for r in plan.readers) == sum(sizes_for(0)) + sum(SIZES)
