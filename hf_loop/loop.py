@@ -1,0 +1,416 @@
+"""The training loop: ``TrainConfig``, ``train``, and the ``evaluate``/``predict`` it uses.
+
+``train`` reads top to bottom: setup -> resume -> epochs -> micro-steps -> optimizer step -> log/eval/checkpoint
+-> teardown. Helpers sit above it. Per-batch bookkeeping (which keys reach the model, how many loss targets a batch
+holds, device staging) lives in ``steps.py``; files in ``checkpoint.py``; evaluation in ``evaluation.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_loop import checkpoint
+from hf_loop.config import TrainConfig, TrainResult
+from hf_loop.dist import DistEnv, all_reduce, default_device, even_steps
+from hf_loop.evaluation import ParameterTable, count_parameters, evaluate, predict
+from hf_loop.steps import (
+    ModelInputs,
+    Window,
+    accumulate,
+    loader_length,
+    optimizer_step,
+    set_epoch,
+    staged,
+)
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "predict", "count_parameters", "ParameterTable"]
+
+logger = logging.getLogger("hf_loop")
+
+
+def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    if config.scheduler is None or not isinstance(config.scheduler, str):
+        return config.scheduler
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+    )
+
+
+def _wrap(model: torch.nn.Module, config: TrainConfig, env: DistEnv) -> torch.nn.Module:
+    if config.compile:
+        model = torch.compile(model)
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            find_unused_parameters=config.ddp_find_unused_parameters,
+            static_graph=config.ddp_static_graph,
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Turn SIGTERM (preemption) into a flag the loop checks at step boundaries; restore the handler after."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(set=True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Run:
+    """The objects one ``train`` call works with, so the helpers below take one argument, not fifteen."""
+
+    raw: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    loader: Iterable
+    config: TrainConfig
+    env: DistEnv
+    eval_loader: Iterable | None
+    loss_fn: Callable | None
+    metrics: Mapping[str, Callable] | None
+    on_log: Callable[[dict[str, Any]], None] | None
+    identity: dict[str, Any] | None = None
+    bar: Any = None
+    progress: dict[str, Any] = field(
+        default_factory=lambda: {
+            "step": 0,
+            "epoch": 0,
+            "consumed": 0,
+            "best": None,
+            "best_path": None,
+            "bad_evals": 0,
+            "finished": None,
+        }
+    )
+    last_eval_step: int = -1
+    last_eval: dict[str, float] = field(default_factory=dict)
+    saved: Path | None = None
+    saved_step: int = -1
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        if self.config.out_dir is not None:
+            with open(Path(self.config.out_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.bar is not None and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def save(self) -> Path:
+        path = checkpoint.path_for(self.config.out_dir, self.progress["step"])
+        objects = {
+            k: getattr(self, k) for k in ("raw", "optimizer", "scheduler", "scaler", "loader", "config")
+        }
+        self.saved = checkpoint.save_training(
+            path, env=self.env, progress=self.progress, identity=self.identity, **objects
+        )
+        self.saved_step = self.progress["step"]
+        return self.saved
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate, track the best metric and patience, and checkpoint a new best."""
+        result = evaluate(
+            self.raw,
+            self.eval_loader,
+            loss_fn=self.loss_fn,
+            metrics=self.metrics,
+            env=self.env,
+            precision=self.config.precision,
+        )
+        self.last_eval_step = self.progress["step"]
+        metric = self.config.best_metric
+        if metric not in result:
+            raise ValueError(
+                f"TrainConfig.best_metric={metric!r} is not among the eval results {sorted(result)}; "
+                "pass it in metrics= or choose one of those"
+            )
+        best = self.progress["best"]
+        value = result[metric]
+        if best is None or (value > best if self.config.greater_is_better else value < best):
+            self.progress.update(best=value, bad_evals=0)
+            if self.config.out_dir is not None:
+                self.progress["best_path"] = str(
+                    checkpoint.path_for(self.config.out_dir, self.progress["step"])
+                )
+                self.save()
+        else:
+            self.progress["bad_evals"] += 1
+        self.emit({"step": self.progress["step"], **{f"eval_{k}": v for k, v in result.items()}})
+        self.last_eval = result
+        return result
+
+    def log(self, window: Window, norm: torch.Tensor | None) -> dict[str, Any]:
+        stats = window.flush(self.env)
+        grad_norm = None if norm is None else float(norm)
+        if not math.isfinite(stats["loss"]) or (
+            self.scaler is None and grad_norm is not None and not math.isfinite(grad_norm)
+        ):
+            raise FloatingPointError(
+                f"training diverged by step {self.progress['step']}: loss {stats['loss']}, gradient norm "
+                f"{grad_norm}. Lower the learning rate, or set TrainConfig(max_bad_steps=N) to skip such steps"
+            )
+        record = {
+            "step": self.progress["step"],
+            "epoch": self.progress["epoch"],
+            "loss": stats["loss"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "samples_per_s": stats["samples_per_s"],
+            "tokens_per_s": stats["tokens_per_s"],
+            "padding": stats["padding"],
+        }
+        if self.env.device.type == "cuda":
+            record["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        self.emit(record)
+        return stats
+
+
+def train(
+    model: torch.nn.Module,
+    train_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    *,
+    loss_fn: Callable | None = None,
+    eval_loader: Iterable | None = None,
+    env: DistEnv | None = None,
+    metrics: Mapping[str, Callable[[Any, Any], float]] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model``; resume from the newest checkpoint in ``config.out_dir`` when there is one.
+
+    Under ``torchrun`` pass ``env=hl.init_distributed()`` and a loader built with ``make_loader(env=env)``: the
+    model is wrapped in DistributedDataParallel, rank 0 logs and writes checkpoints.
+
+    Example:
+        >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=32)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        >>> result = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=2, out_dir="runs/a"))
+        >>> result.train_loss                                                     # doctest: +SKIP
+        0.42
+    """
+    # -- setup: run length, device, which batch keys reach the model, scheduler, scaler
+    env = env or DistEnv(device=default_device())
+    per_epoch = loader_length(train_loader)
+    if per_epoch is None and config.max_steps is None:
+        raise ValueError(
+            f"the training loader ({type(train_loader).__name__}) has no length (a stream), so the run length "
+            "is unknown: set TrainConfig(max_steps=...)"
+        )
+    total_steps = config.max_steps or config.epochs * math.ceil(per_epoch / config.grad_accum)
+    if config.patience is not None and eval_loader is None:
+        raise ValueError("TrainConfig.patience (early stopping) needs eval_loader= to measure the metric")
+    if config.out_dir is not None and not hasattr(train_loader, "state_dict"):
+        raise TypeError(
+            f"checkpoints in out_dir need a resumable loader with state_dict(consumed=...), got "
+            f"{type(train_loader).__name__}; build it with hl.make_loader(...)"
+        )
+    raw = model.to(env.device)
+    inputs = ModelInputs(raw, config.model_inputs)
+    scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # loop owns it
+    run = _Run(
+        raw=raw,
+        optimizer=optimizer,
+        scheduler=_build_scheduler(config, optimizer, total_steps),
+        scaler=scaler,
+        loader=train_loader,
+        config=config,
+        env=env,
+        eval_loader=eval_loader,
+        loss_fn=loss_fn,
+        metrics=metrics,
+        on_log=on_log,
+    )
+    progress = run.progress
+
+    # -- resume: the newest complete checkpoint, refused when it belongs to another model or dataset
+    torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks, as with one seed per GPU
+    resumed_from = checkpoint.latest(config.out_dir)
+    if config.out_dir is not None:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        run.identity = checkpoint.run_identity(raw, train_loader)
+    if resumed_from is not None:
+        checkpoint.remove_stale_temporaries(config.out_dir)
+        state = checkpoint.load(resumed_from)
+        checkpoint.check_identity(state["identity"], run.identity, resumed_from)
+        checkpoint.restore(
+            state,
+            path=resumed_from,
+            raw=raw,
+            optimizer=optimizer,
+            scheduler=run.scheduler,
+            scaler=scaler,
+            loader=train_loader,
+            config=config,
+            env=env,
+        )
+        progress.update({k: state[k] for k in progress})
+        if getattr(train_loader, "epoch", progress["epoch"]) != progress["epoch"]:  # saved at an epoch's end
+            progress.update(epoch=train_loader.epoch, consumed=0)
+        run.saved, run.last_eval_step = resumed_from, progress["step"]
+    model = _wrap(raw, config, env)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    window, totals = (
+        Window(env.device),
+        {"loss": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0, "logs": 0},
+    )
+    stop_reason, last_loss = progress["finished"], None
+    if config.progress and env.is_main and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        run.bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True)
+    raw.train()
+    resuming = resumed_from is not None
+    with _sigterm_flag() as sigterm:
+        try:
+            # -- epochs
+            while stop_reason is None and progress["step"] < total_steps:
+                set_epoch(
+                    train_loader, progress["epoch"]
+                )  # a resumed Loader keeps its position in this epoch
+                if not resuming:
+                    progress["consumed"] = 0
+                resuming = False
+                # Streams may run dry on one rank first: the ranks agree every step, so none hangs in DDP.
+                batches = (
+                    even_steps(train_loader, env) if per_epoch is None and env.distributed else train_loader
+                )
+                micro_batches = staged(batches, env.device)
+                epoch_done = False
+                while not epoch_done and stop_reason is None and progress["step"] < total_steps:
+                    # -- micro-steps: all of this optimizer step's batches first, so its target count is known
+                    micro = [batch for _, batch in zip(range(config.grad_accum), micro_batches)]
+                    if not micro:
+                        epoch_done = True
+                        break
+                    progress["consumed"] += len(micro)
+                    epoch_done = per_epoch is not None and progress["consumed"] >= per_epoch
+                    factor = accumulate(
+                        micro,
+                        model=model,
+                        inputs=inputs,
+                        loss_fn=loss_fn,
+                        scaler=scaler,
+                        config=config,
+                        env=env,
+                        window=window,
+                    )
+
+                    # -- optimizer step
+                    log_now = (progress["step"] + 1) % config.log_every == 0 or progress[
+                        "step"
+                    ] + 1 == total_steps
+                    norm, skipped = optimizer_step(
+                        optimizer=optimizer,
+                        scheduler=run.scheduler,
+                        scaler=scaler,
+                        params=params,
+                        config=config,
+                        factor=factor,
+                        want_norm=log_now,
+                    )
+                    if skipped:
+                        _count_bad_step(progress, config)
+                        continue
+                    progress["step"] += 1
+                    progress.pop("bad_steps", None)
+                    if run.bar is not None:
+                        run.bar.update(1)
+
+                    # -- log (the only host sync of a default step), evaluate, checkpoint, stop
+                    if log_now:
+                        stats = run.log(window, norm)
+                        last_loss = stats["loss"]
+                        totals.update({k: totals[k] + stats[k] for k in ("samples", "tokens", "seconds")})
+                        totals.update(loss=totals["loss"] + stats["loss"], logs=totals["logs"] + 1)
+                        if env.distributed:  # preemption may reach the ranks at different steps: agree here
+                            sigterm["set"] = bool(all_reduce(int(sigterm["set"]), env, op="max"))
+                    every_eval = config.eval_every and progress["step"] % config.eval_every == 0
+                    if eval_loader is not None and (every_eval or (epoch_done and not config.eval_every)):
+                        run.evaluate()
+                    preempted = sigterm["set"] and (log_now or not env.distributed)
+                    every_ckpt = config.checkpoint_every and progress["step"] % config.checkpoint_every == 0
+                    if (
+                        config.out_dir is not None
+                        and (every_ckpt or preempted)
+                        and run.saved_step != progress["step"]
+                    ):
+                        run.save()
+                    if preempted:
+                        stop_reason = "sigterm"
+                    elif config.patience is not None and progress["bad_evals"] >= config.patience:
+                        stop_reason = "early_stopping"
+                if epoch_done:
+                    progress["epoch"] += 1
+                    progress["consumed"] = 0
+
+            # -- teardown: final eval, final checkpoint, export
+            if stop_reason is None:
+                stop_reason = "completed"
+            if progress["finished"] is None and stop_reason != "sigterm":
+                if eval_loader is not None and run.last_eval_step != progress["step"]:
+                    run.evaluate()
+                progress["finished"] = stop_reason
+                if config.out_dir is not None:
+                    run.save()
+                    if config.export and env.is_main and hasattr(raw, "save_pretrained"):
+                        raw.save_pretrained(Path(config.out_dir) / "final")
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+    seconds = max(totals["seconds"], 1e-9)
+    padding = getattr(getattr(train_loader, "padding", None), "waste", None)
+    return TrainResult(
+        steps=progress["step"],
+        epochs=progress["epoch"],
+        train_loss=totals["loss"] / totals["logs"] if totals["logs"] else None,
+        last_loss=last_loss,
+        eval=run.last_eval,
+        best_metric=progress["best"],
+        best_checkpoint=Path(progress["best_path"]) if progress["best_path"] else None,
+        checkpoint=run.saved,
+        samples_per_s=totals["samples"] / seconds,
+        tokens_per_s=totals["tokens"] / seconds,
+        padding=padding,
+        stop_reason=stop_reason,
+        resumed_from=resumed_from,
+    )
+
+
+def _count_bad_step(progress: dict[str, Any], config: TrainConfig) -> None:
+    progress["bad_steps"] = progress.get("bad_steps", 0) + 1
+    logger.warning(
+        "step %d: non-finite gradient norm, step skipped (%d in a row)",
+        progress["step"] + 1,
+        progress["bad_steps"],
+    )
+    if progress["bad_steps"] >= config.max_bad_steps:
+        raise FloatingPointError(
+            f"{progress['bad_steps']} optimizer steps in a row had a non-finite gradient norm (last at step "
+            f"{progress['step'] + 1}); lower the learning rate, use bf16 instead of fp16, or set max_grad_norm"
+        )

@@ -1,0 +1,383 @@
+"""hl.train / evaluate / predict on tiny models: loss weighting, what reaches the model, precision, logging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _train_script import classification_dataset, lm_dataset, tiny_bert, tiny_llama, token_rows, weights
+
+import hf_loop as hl
+
+
+def loader(ds, batch_size=8, sampler="sequential", **kw):
+    return hl.make_loader(ds, batch_size=batch_size, sampler=sampler, **kw)
+
+
+def cfg(**kw):
+    return hl.TrainConfig(progress=False, **kw)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+# -- training --------------------------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_and_logs_to_jsonl_and_on_log(tmp_path):
+    model = tiny_bert()
+    records = []
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    result = hl.train(
+        model,
+        loader(classification_dataset(), batch_size=16, sampler="random"),
+        opt,
+        cfg(epochs=5, log_every=5, out_dir=tmp_path),
+        on_log=records.append,
+    )
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.05
+    assert result.steps == 20 and result.epochs == 5 and result.stop_reason == "completed"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines if "loss" in r] == losses
+    first = lines[0]
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "padding"} <= set(first)
+    assert 0 < first["padding"] < 1 and first["samples_per_s"] > 0 and math.isfinite(first["grad_norm"])
+    assert result.samples_per_s > 0 and result.tokens_per_s > 0 and 0 < result.padding < 1
+    assert (tmp_path / "final" / "config.json").exists()  # save_pretrained of the final model
+
+
+def _accumulation_run(model_fn, ds, batch_size, grad_accum):
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    hl.train(model, loader(ds, batch_size=batch_size), opt, cfg(max_steps=2, grad_accum=grad_accum))
+    return weights(model)
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "sequence_classifier"])
+def test_grad_accumulation_equals_a_bigger_batch(kind):
+    # Unequal lengths: each micro-batch of 4 is padded to its own length and holds a different number of targets.
+    model_fn, ds = (
+        (tiny_llama, lm_dataset()) if kind == "causal_lm" else (tiny_bert, classification_dataset())
+    )
+    one = _accumulation_run(model_fn, ds, batch_size=8, grad_accum=1)
+    two = _accumulation_run(model_fn, ds, batch_size=4, grad_accum=2)
+    start = weights(model_fn())
+    assert max_diff(one, start) > 1e-3  # the runs trained
+    assert max_diff(one, two) <= 1e-6
+
+
+class Recorder(torch.nn.Module):
+    """A model naming only some keys; records what it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        self.seen: list[dict] = []
+
+    def forward(self, input_ids, labels=None, num_items_in_batch=None):
+        self.seen.append({"keys": {"input_ids", "labels"}, "num_items": num_items_in_batch})
+        logits = self.linear(input_ids.float().mean(1, keepdim=True))
+        loss_sum = ((logits.squeeze(1) - labels.float()) ** 2).sum()
+        return {"loss": loss_sum / num_items_in_batch, "logits": logits}
+
+
+def test_only_forward_parameters_reach_the_model_and_num_items_is_global():
+    model = Recorder()
+    ds = classification_dataset(12)  # the batches also carry "_index", "id" (strings) and "attention_mask"
+    hl.train(
+        model,
+        loader(ds, batch_size=4),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        cfg(max_steps=1, grad_accum=3),
+    )
+    assert len(model.seen) == 3
+    assert [int(s["num_items"]) for s in model.seen] == [12, 12, 12]  # examples over all three micro-batches
+
+
+def test_model_inputs_list_and_use_cache_off():
+    seen = {}
+    model = tiny_llama()
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    hl.train(
+        model,
+        loader(lm_dataset(8), batch_size=4),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        cfg(max_steps=1, model_inputs=["input_ids", "labels"]),
+    )
+    assert seen["use_cache"] is False  # no KV cache while training
+    assert set(seen) == {
+        "input_ids",
+        "labels",
+        "use_cache",
+        "num_items_in_batch",
+    }  # no attention_mask, _index
+
+
+def test_missing_loss_names_labels():
+    ds = hl.MapDataset(__import__("datasets").Dataset.from_dict({"input_ids": token_rows(8)["input_ids"]}))
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"returned none: the batch has no 'labels'.*loss_fn="):
+        hl.train(model, loader(ds), torch.optim.SGD(model.parameters(), lr=0.1), cfg(max_steps=1))
+
+
+def test_loss_fn_returning_sum_and_count_matches_the_model_loss():
+    def loss_fn(outputs, batch):
+        logits = outputs.logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"), len(logits)
+
+    runs = []
+    for fn in (None, loss_fn):
+        model = tiny_bert()
+        hl.train(
+            model,
+            loader(classification_dataset(24), batch_size=4),
+            torch.optim.SGD(model.parameters(), lr=0.5),
+            cfg(max_steps=2, grad_accum=3),
+            loss_fn=fn,
+        )
+        runs.append(weights(model))
+    assert max_diff(*runs) <= 1e-6
+
+
+def test_clipping_reports_the_norm_and_schedulers_step():
+    model = tiny_bert()
+    records = []
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    hl.train(
+        model,
+        loader(classification_dataset(32)),
+        opt,
+        cfg(max_steps=4, log_every=1, max_grad_norm=1e-3, scheduler="linear", warmup_steps=2),
+        on_log=records.append,
+    )
+    assert all(r["grad_norm"] > 1e-3 for r in records)  # the norm before clipping is reported
+    assert [r["lr"] for r in records] == pytest.approx([0.5, 1.0, 0.5, 0.0])
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    hl.train(model, loader(classification_dataset(16)), opt, cfg(max_steps=2, scheduler=sched))
+    assert opt.param_groups[0]["lr"] == 0.25
+
+
+class Exploding(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, input_ids, labels):
+        return {"loss": self.w.sum() * float("inf")}
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error():
+    model = Exploding()
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row had a non-finite gradient norm"):
+        hl.train(
+            model,
+            loader(classification_dataset(32), batch_size=4),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            cfg(max_steps=5, max_bad_steps=3),
+        )
+    assert model.w.item() == 1.0  # no step was applied
+    with pytest.raises(FloatingPointError, match="training diverged by step 1.*max_bad_steps"):
+        hl.train(
+            model,
+            loader(classification_dataset(8)),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            cfg(max_steps=1),
+        )
+
+
+def test_stream_without_max_steps_is_refused():
+    from datasets import Dataset
+
+    stream = hl.StreamDataset(Dataset.from_dict(token_rows(16)).to_iterable_dataset(num_shards=2))
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"has no length \(a stream\).*max_steps"):
+        hl.train(
+            model, hl.make_loader(stream, batch_size=4), torch.optim.SGD(model.parameters(), lr=0.1), cfg()
+        )
+    result = hl.train(
+        model,
+        hl.make_loader(stream, batch_size=4),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        cfg(max_steps=6),
+    )
+    assert result.steps == 6 and result.epochs == 1  # 4 batches per pass: the stream is read again
+
+
+def test_bf16_autocast_on_cpu():
+    model = tiny_bert()
+    dtypes = []
+    model.classifier.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    result = hl.train(
+        model,
+        loader(classification_dataset(16)),
+        torch.optim.AdamW(model.parameters()),
+        cfg(max_steps=2, precision="bf16"),
+    )
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and math.isfinite(result.last_loss)
+    assert model.classifier.weight.dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_precision_and_staging(precision):
+    model = tiny_bert()
+    env = hl.DistEnv(device=torch.device("cuda", 0))
+    ds = classification_dataset(32)
+    result = hl.train(
+        model,
+        loader(ds, pin_memory=True, env=env),
+        torch.optim.AdamW(model.parameters()),
+        cfg(max_steps=4, precision=precision, max_grad_norm=1.0),
+        env=env,
+    )
+    assert next(model.parameters()).is_cuda and math.isfinite(result.last_loss)
+    predictions = hl.predict(model, loader(ds, env=env), env=env, reduce="argmax")
+    assert predictions.shape == (32,)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing improves after the first evaluation
+    result = hl.train(
+        model,
+        loader(classification_dataset(16)),
+        opt,
+        cfg(epochs=10, eval_every=1, patience=2, out_dir=tmp_path, keep_last=1),
+        eval_loader=loader(classification_dataset(16)),
+    )
+    assert result.stopped_early and result.steps == 3
+    assert result.best_checkpoint.name == "step-00000001.pt" and result.best_checkpoint.exists()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000001.pt", "step-00000003.pt"]  # the newest plus the best
+
+
+# -- evaluate / predict --------------------------------------------------------------------------------------
+
+
+def test_evaluate_loss_matches_the_model_and_metrics_are_in_dataset_order():
+    model = tiny_bert()
+    ds = classification_dataset(20)
+    batches = list(loader(ds, batch_size=6))
+    with torch.no_grad():
+        model.eval()
+        losses = [
+            (
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss,
+                len(b["labels"]),
+            )
+            for b in batches
+        ]
+        expected = sum(loss * n for loss, n in losses) / 20
+    labels = torch.tensor(token_rows(20)["label"])
+    result = hl.evaluate(
+        model,
+        loader(ds, batch_size=6, sampler="random"),
+        metrics={"labels_in_order": lambda p, y: float(torch.equal(y, labels))},
+    )
+    assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["labels_in_order"] == 1.0 and result["examples"] == 20
+
+
+def test_predict_is_in_dataset_order_with_reduce_and_trimmed_sequences():
+    model = tiny_llama()
+    ds = lm_dataset(10)
+    ordered = hl.predict(model, loader(ds, batch_size=10), reduce="argmax")
+    shuffled = hl.predict(model, loader(ds, batch_size=3, sampler="random"), reduce="argmax")
+    lengths = [len(r) for r in token_rows(10)["input_ids"]]
+    assert [len(r) for r in ordered] == lengths  # N x L (ragged), never N x L x V; padding cut away
+    assert all(torch.equal(a, b) for a, b in zip(ordered, shuffled))
+    last = hl.predict(model, loader(ds, batch_size=4), reduce=lambda out, batch: out.logits[:, -1, :3])
+    assert last.shape == (10, 3)
+    with pytest.raises(ValueError, match="reduce must be None, 'argmax' or a callable"):
+        hl.predict(model, loader(ds), reduce="max")
+
+
+def test_count_parameters_with_frozen_parts_and_gradient_checkpointing():
+    model = tiny_bert()
+    for p in model.bert.embeddings.parameters():
+        p.requires_grad = False
+    table = hl.count_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.bert.embeddings.parameters())
+    assert (table.total, table.trainable) == (total, total - frozen)
+    assert dict((r[0], r[1]) for r in table.rows)["bert.embeddings"] == 0
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    assert hl.count_parameters(model) == table
+    assert "bert.encoder" in str(table) and "trainable" in str(table)
+
+
+def test_count_parameters_of_a_peft_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    table = hl.count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert table.trainable == trainable and 0 < trainable < table.total
+
+
+# -- TrainConfig errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 0}, ValueError, r"TrainConfig.epochs must be an int >= 1, got 0"),
+        ({"grad_accum": 1.5}, ValueError, r"TrainConfig.grad_accum must be an int >= 1, got 1.5"),
+        ({"max_steps": 0}, ValueError, r"TrainConfig.max_steps must be an int >= 1 or None, got 0"),
+        ({"log_every": True}, ValueError, r"TrainConfig.log_every must be an int >= 1, got True"),
+        ({"keep_last": 0}, ValueError, r"TrainConfig.keep_last"),
+        ({"eval_every": -1}, ValueError, r"TrainConfig.eval_every"),
+        ({"patience": 0}, ValueError, r"TrainConfig.patience"),
+        ({"max_bad_steps": 0}, ValueError, r"TrainConfig.max_bad_steps"),
+        ({"warmup_steps": -1}, ValueError, r"TrainConfig.warmup_steps must be an int >= 0, got -1"),
+        ({"max_grad_norm": 0}, ValueError, r"TrainConfig.max_grad_norm must be a number > 0 or None, got 0"),
+        (
+            {"precision": "fp8"},
+            ValueError,
+            r"TrainConfig.precision must be one of \['bf16', 'fp16', 'fp32'\]",
+        ),
+        ({"scheduler": "warm"}, ValueError, r"TrainConfig.scheduler must be one of \[.*'linear'.*got 'warm'"),
+        (
+            {"scheduler": 3},
+            TypeError,
+            r"TrainConfig.scheduler must be a scheduler name or a torch LR scheduler",
+        ),
+        ({"seed": "0"}, TypeError, r"TrainConfig.seed must be an int, got '0'"),
+        ({"checkpoint_every": 5}, ValueError, r"TrainConfig.checkpoint_every needs out_dir"),
+        ({"best_metric": ""}, ValueError, r"TrainConfig.best_metric must be a metric name"),
+        (
+            {"model_inputs": "input_ids"},
+            TypeError,
+            r"model_inputs must be a list of key names.*\['input_ids'\]",
+        ),
+    ],
+)
+def test_train_config_errors_name_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hl.TrainConfig(**kwargs)
+
+
+def test_train_argument_errors(tmp_path):
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = torch.utils.data.DataLoader([1, 2])
+    with pytest.raises(TypeError, match=r"out_dir need a resumable loader.*got DataLoader.*hl.make_loader"):
+        hl.train(model, plain, opt, cfg(out_dir=tmp_path))
+    with pytest.raises(ValueError, match=r"patience \(early stopping\) needs eval_loader="):
+        hl.train(model, loader(classification_dataset(8)), opt, cfg(patience=1))
+    with pytest.raises(ValueError, match=r"best_metric='accuracy' is not among the eval results"):
+        hl.train(
+            model,
+            loader(classification_dataset(8)),
+            opt,
+            cfg(best_metric="accuracy"),
+            eval_loader=loader(classification_dataset(8)),
+        )
+    frozen = hl.TrainConfig()
+    with pytest.raises(AttributeError):
+        frozen.epochs = 2
