@@ -84,26 +84,24 @@ class Sampler(TorchSampler, ABC):
     """
 
     yields_batches = False
-    _hashed_name = "data"  # how identity() names the hash of _hashed(), e.g. "weights_hash"
+    _options: tuple[str, ...] = ()  # attributes a state must match, besides kind, n and seed
+    _hashed: tuple[str, str] | None = (
+        None  # (name, attribute) of the data array whose hash a state must match
+    )
 
-    def __init__(self, n: int, seed: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0, size: int | None = None) -> None:
         super().__init__()
         self.n = _count(n, "n (the number of examples)", 1)
         self.seed = _count(seed, "seed", 0)
         self.epoch = 0
         self.start = 0
+        self._size = size  # items per epoch when known without drawing the order
         self._cached: tuple[int, Any] | None = None
         self._hash: int | None = None
 
     @abstractmethod
     def _draw(self, epoch: int) -> np.ndarray | list[np.ndarray]:
         """The epoch's order: indices, or a list of index arrays (one per batch) when ``yields_batches``."""
-
-    def _identity(self) -> dict[str, Any]:
-        return {}
-
-    def _hashed(self) -> np.ndarray:
-        return np.zeros(0)  # no data beyond n and seed (sequential, random)
 
     def order(self, epoch: int) -> np.ndarray | list[np.ndarray]:
         """The full global order of ``epoch`` (read-only arrays; the same on every rank and every call)."""
@@ -122,7 +120,7 @@ class Sampler(TorchSampler, ABC):
         self.start = 0
 
     def _epoch_size(self, epoch: int) -> int:
-        return len(self.order(epoch))
+        return self._size if self._size is not None else len(self.order(epoch))
 
     def __len__(self) -> int:
         return self._epoch_size(self.epoch)
@@ -133,11 +131,11 @@ class Sampler(TorchSampler, ABC):
 
     def identity(self) -> dict[str, Any]:
         """What a state must match to load here: kind, n, seed, options and a hash of the data (plain values)."""
-        extra = self._identity()
-        if self._hashed().size:
+        extra = {name: getattr(self, name) for name in self._options}
+        if self._hashed is not None:
             if self._hash is None:
-                self._hash = _fingerprint(self._hashed())
-            extra[f"{self._hashed_name}_hash"] = self._hash
+                self._hash = _fingerprint(getattr(self, self._hashed[1]))
+            extra[f"{self._hashed[0]}_hash"] = self._hash
         return {"kind": type(self).__name__, "n": self.n, "seed": self.seed, **extra}
 
     def state_dict(self, consumed: int = 0) -> dict[str, Any]:
@@ -203,13 +201,10 @@ class SequentialSampler(Sampler):
     """
 
     def __init__(self, n: int) -> None:
-        super().__init__(n, 0)
+        super().__init__(n, 0, size=n)
 
     def _draw(self, epoch: int) -> np.ndarray:
         return np.arange(self.n)
-
-    def _epoch_size(self, epoch: int) -> int:
-        return self.n
 
 
 class RandomSampler(Sampler):
@@ -222,13 +217,10 @@ class RandomSampler(Sampler):
     """
 
     def __init__(self, n: int, *, seed: int = 0) -> None:
-        super().__init__(n, seed)
+        super().__init__(n, seed, size=n)
 
     def _draw(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(self.n)
-
-    def _epoch_size(self, epoch: int) -> int:
-        return self.n
 
 
 class WeightedSampler(Sampler):
@@ -246,7 +238,8 @@ class WeightedSampler(Sampler):
         [0, 1, 2]
     """
 
-    _hashed_name = "weights"
+    _options = ("num_samples", "replacement")
+    _hashed = ("weights", "_values")
 
     def __init__(
         self, weights: Any, *, num_samples: int | None = None, replacement: bool = True, seed: int = 0
@@ -267,6 +260,7 @@ class WeightedSampler(Sampler):
         super().__init__(len(w), seed)
         self.replacement = bool(replacement)
         self.num_samples = self.n if num_samples is None else _count(num_samples, "num_samples", 1)
+        self._size = self.num_samples
         if not self.replacement and self.num_samples > positive.size:
             raise ValueError(
                 f"num_samples={self.num_samples} but only {positive.size} examples have a positive weight: "
@@ -279,24 +273,19 @@ class WeightedSampler(Sampler):
     def _draw(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, epoch))
         if self.replacement:
-            u = rng.random(self.num_samples) * self._values[-1]
-            # u * total can round up to total: clip to the last example that can be drawn.
-            return np.minimum(np.searchsorted(self._values, u, side="right"), self._last)
+            # Sorted queries make searchsorted cache-friendly (~20x faster at 10M draws); shuffling the result
+            # restores the iid order, since iid draws are exchangeable. u * total can round up to total: clip to
+            # the last example that can be drawn.
+            u = np.sort(rng.random(self.num_samples)) * self._values[-1]
+            drawn = np.minimum(np.searchsorted(self._values, u, side="right"), self._last)
+            rng.shuffle(drawn)
+            return drawn
         with np.errstate(divide="ignore"):
             keys = rng.standard_exponential(self.n) / self._values
         if self.num_samples < self.n:
             chosen = np.argpartition(keys, self.num_samples - 1)[: self.num_samples]
             return chosen[np.argsort(keys[chosen], kind="stable")]
         return np.argsort(keys, kind="stable")
-
-    def _epoch_size(self, epoch: int) -> int:
-        return self.num_samples
-
-    def _identity(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "replacement": self.replacement}
-
-    def _hashed(self) -> np.ndarray:
-        return self._values
 
 
 class SubsetSampler(Sampler):
@@ -311,7 +300,8 @@ class SubsetSampler(Sampler):
         [3, 5, 7]
     """
 
-    _hashed_name = "indices"
+    _options = ("shuffle",)
+    _hashed = ("indices", "indices")
 
     def __init__(
         self, indices: Any, *, shuffle: bool = True, seed: int = 0, dataset_size: int | None = None
@@ -332,22 +322,13 @@ class SubsetSampler(Sampler):
                 f"index {repeated[0]} appears {int((idx == repeated[0]).sum())} times in indices: pass each "
                 "index once (np.unique(indices)), or use WeightedSampler to draw examples more than once"
             )
-        super().__init__(len(idx), seed)
+        super().__init__(len(idx), seed, size=len(idx))
         self.indices, self.shuffle = idx, bool(shuffle)
 
     def _draw(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self.indices.copy()
         return self.indices[np.random.default_rng((self.seed, epoch)).permutation(self.n)]
-
-    def _epoch_size(self, epoch: int) -> int:
-        return self.n
-
-    def _identity(self) -> dict[str, Any]:
-        return {"shuffle": self.shuffle}
-
-    def _hashed(self) -> np.ndarray:
-        return self.indices
 
 
 def _grouped(lengths: np.ndarray, rng: np.random.Generator, group_size: int) -> np.ndarray:
@@ -384,13 +365,14 @@ class LengthGroupedSampler(Sampler):
         [2, 4]
     """
 
-    _hashed_name = "lengths"
+    _options = ("batch_size", "megabatch", "longest_first")
+    _hashed = ("lengths", "lengths")
 
     def __init__(
         self, lengths: Any, batch_size: int, *, seed: int = 0, megabatch: int = 50, longest_first: bool = True
     ) -> None:
         self.lengths = _lengths(lengths)
-        super().__init__(len(self.lengths), seed)
+        super().__init__(len(self.lengths), seed, size=len(self.lengths))
         self.batch_size = _count(batch_size, "batch_size", 1)
         self.megabatch = _count(megabatch, "megabatch", 1)
         self.longest_first = bool(longest_first)
@@ -407,19 +389,6 @@ class LengthGroupedSampler(Sampler):
         longest = int(np.argmax(self.lengths[batches[:, 0]])) if self.longest_first else None
         return np.concatenate([batches[_shuffled(full, rng, longest)].ravel(), order[full * b :]])
 
-    def _epoch_size(self, epoch: int) -> int:
-        return self.n
-
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "megabatch": self.megabatch,
-            "longest_first": self.longest_first,
-        }
-
-    def _hashed(self) -> np.ndarray:
-        return self.lengths
-
 
 class TokenBudgetBatchSampler(Sampler):
     """Batches of varying size with ``len(batch) * longest <= max_tokens``.
@@ -435,7 +404,8 @@ class TokenBudgetBatchSampler(Sampler):
     """
 
     yields_batches = True
-    _hashed_name = "lengths"
+    _options = ("max_tokens", "megabatch", "longest_first")
+    _hashed = ("lengths", "lengths")
 
     def __init__(
         self, lengths: Any, max_tokens: int, *, seed: int = 0, megabatch: int = 50, longest_first: bool = True
@@ -472,16 +442,6 @@ class TokenBudgetBatchSampler(Sampler):
             counts = np.diff(np.append(first, self.n))
             longest = int(np.argmax(self.lengths[order[first]] * (self.n + 1) + counts))
         return [batches[i] for i in _shuffled(len(batches), rng, longest)]
-
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "megabatch": self.megabatch,
-            "longest_first": self.longest_first,
-        }
-
-    def _hashed(self) -> np.ndarray:
-        return self.lengths
 
 
 class DistributedSampler(Sampler):
