@@ -31,7 +31,15 @@ def _count(value: Any, name: str, minimum: int) -> int:
 def _array(values: Any, name: str) -> np.ndarray:
     if hasattr(values, "detach"):  # a torch tensor, possibly on an accelerator
         values = values.detach().cpu().numpy()
-    array = np.asarray(values)
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nested lists, e.g. token ids instead of their counts
+        array = np.asarray(values, dtype=object)
+    if array.ndim == 1 and array.size and isinstance(array[0], (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"{name} must be one number per example, got a sequence of sequences (first item "
+            f"{str(array[0])[:40]}); for lengths pass their counts, e.g. [len(ids) for ids in column]"
+        )
     if array.ndim != 1 or array.size == 0:
         raise ValueError(
             f"{name} must be a non-empty 1-D sequence (one value per example), got shape {array.shape}"

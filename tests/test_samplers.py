@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import pickle
 
 import numpy as np
 import pytest
@@ -102,6 +103,16 @@ def test_orders_cover_what_they_should():
     assert sorted(make("length", 50)) == list(range(50))
     assert sorted(i for batch in make("tokens", 50) for i in batch) == list(range(50))
     assert all(isinstance(i, int) for i in make("random", 5))  # Python ints, not numpy scalars
+
+
+def test_samplers_work_in_a_plain_dataloader_and_pickle():
+    data = list(range(100, 110))
+    loader = torch.utils.data.DataLoader(data, sampler=hs.RandomSampler(10, seed=4), batch_size=4)
+    assert sorted(torch.cat(list(loader)).tolist()) == data
+    budget = hs.TokenBudgetBatchSampler(lengths_for(10), 40, seed=4)
+    batches = [b.tolist() for b in torch.utils.data.DataLoader(data, batch_sampler=budget)]
+    assert batches == [[data[i] for i in batch] for batch in budget]
+    assert list(pickle.loads(pickle.dumps(budget))) == list(budget)
 
 
 def test_samplers_never_touch_the_global_rng():
@@ -412,6 +423,10 @@ def test_bad_subsets_lengths_and_sizes_are_refused():
         hs.LengthGroupedSampler([1, -3], 2)
     with pytest.raises(ValueError, match=r"lengths must be a non-empty 1-D sequence .* got shape \(2, 2\)"):
         hs.LengthGroupedSampler([[1, 2], [3, 4]], 2)
+    with pytest.raises(
+        ValueError, match=r"lengths must be one number per example, got a sequence of sequences"
+    ):
+        hs.LengthGroupedSampler([[1, 2], [3]], 2)  # token ids instead of their counts
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         hs.LengthGroupedSampler([1, 2], 0)
     with pytest.raises(ValueError, match="megabatch must be >= 1, got 0"):
