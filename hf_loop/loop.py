@@ -272,14 +272,16 @@ def train(
         progress.update({k: state[k] for k in progress})
         if getattr(train_loader, "epoch", progress["epoch"]) != progress["epoch"]:  # saved at an epoch's end
             progress.update(epoch=train_loader.epoch, consumed=0)
-        run.saved, run.last_eval_step = resumed_from, progress["step"]
+        run.saved, run.saved_step, run.last_eval_step = resumed_from, progress["step"], progress["step"]
     model = _wrap(raw, config, env)
     params = [p for p in raw.parameters() if p.requires_grad]
     window, totals = (
         Window(env.device),
         {"loss": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0, "logs": 0},
     )
-    stop_reason, last_loss = progress["finished"], None
+    # A finished run can be extended (a larger max_steps or epochs); an early-stopped one stays stopped.
+    stop_reason = "early_stopping" if progress["finished"] == "early_stopping" else None
+    last_loss = None
     if config.progress and env.is_main and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
@@ -290,9 +292,8 @@ def train(
         try:
             # -- epochs
             while stop_reason is None and progress["step"] < total_steps:
-                set_epoch(
-                    train_loader, progress["epoch"]
-                )  # a resumed Loader keeps its position in this epoch
+                # A resumed Loader keeps its position when told the epoch it is already in.
+                set_epoch(train_loader, progress["epoch"])
                 if not resuming:
                     progress["consumed"] = 0
                 resuming = False
@@ -372,7 +373,9 @@ def train(
             # -- teardown: final eval, final checkpoint, export
             if stop_reason is None:
                 stop_reason = "completed"
-            if progress["finished"] is None and stop_reason != "sigterm":
+            if stop_reason != "sigterm" and (
+                run.saved_step != progress["step"] or progress["finished"] is None
+            ):
                 if eval_loader is not None and run.last_eval_step != progress["step"]:
                     run.evaluate()
                 progress["finished"] = stop_reason

@@ -1,0 +1,115 @@
+"""Real 2-process gloo runs: DDP equals one process, elastic resume across world sizes, distributed evaluation.
+
+All 2-process work happens in ONE spawn (a module fixture) to keep process start-up out of the test budget.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _train_script import classification_dataset, tiny_bert, weights
+from distributed import run_distributed
+
+import hf_loop as hl
+
+N_ELASTIC = 24
+
+
+class IndexRecorder(torch.nn.Module):
+    """Takes the global index as an input (via model_inputs) so a test can see which examples each step used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        self.seen: list[list[int]] = []
+
+    def forward(self, input_ids, labels, _index):
+        self.seen.append(_index.tolist())
+        prediction = self.linear(input_ids.float().mean(1, keepdim=True)).squeeze(1)
+        return {"loss": ((prediction - labels.float()) ** 2).mean()}
+
+
+def _elastic_run(out_dir, *, batch_size: int, max_steps: int, env: hl.DistEnv) -> list[list[int]]:
+    model = IndexRecorder()
+    loader = hl.make_loader(
+        classification_dataset(N_ELASTIC), batch_size=batch_size, sampler="random", seed=5, env=env
+    )
+    config = hl.TrainConfig(
+        max_steps=max_steps, out_dir=out_dir, progress=False, model_inputs=["input_ids", "labels", "_index"]
+    )
+    hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), config, env=env)
+    return model.seen
+
+
+def _train_bert(env: hl.DistEnv, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+    model = tiny_bert()
+    loader = hl.make_loader(classification_dataset(32), batch_size=batch_size, sampler="sequential", env=env)
+    config = hl.TrainConfig(max_steps=3, grad_accum=grad_accum, progress=False)
+    hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), config, env=env)
+    return weights(model)
+
+
+def _eval_and_predict(env: hl.DistEnv) -> tuple[dict, torch.Tensor]:
+    model = tiny_bert()
+    loader = hl.make_loader(classification_dataset(10), batch_size=4, sampler="random", seed=1, env=env)
+    accuracy = {"accuracy": lambda p, y: (p == y).float().mean().item()}
+    return hl.evaluate(model, loader, metrics=accuracy, env=env), hl.predict(model, loader, env=env)
+
+
+def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
+    torch.set_num_threads(1)
+    evaluation, predictions = _eval_and_predict(env)
+    # Results cross the process boundary as numpy: torch tensors would travel as shared memory that vanishes
+    # when the worker exits.
+    return {
+        # per-rank batch 2 x grad_accum 2 x 2 ranks = the single process's batch of 8 (no_sync on micro-step 1)
+        "ddp": {k: v.numpy() for k, v in _train_bert(env, batch_size=2, grad_accum=2).items()},
+        "seen_21": _elastic_run(dir_21, batch_size=4, max_steps=2, env=env),  # 2 steps of 8, then 1 process
+        "seen_12": _elastic_run(dir_12, batch_size=4, max_steps=3, env=env),  # resumes 1 process' step 1
+        "eval": (evaluation, predictions.numpy()),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    dir_21, dir_12 = tmp_path_factory.mktemp("w2_to_w1"), tmp_path_factory.mktemp("w1_to_w2")
+    single = hl.DistEnv()
+    seen_12_first = _elastic_run(dir_12, batch_size=8, max_steps=1, env=single)
+    ranks = run_distributed(_two_ranks, world_size=2, args=(str(dir_21), str(dir_12)))
+    seen_21_rest = _elastic_run(dir_21, batch_size=8, max_steps=3, env=single)
+    return {"ranks": ranks, "seen_12_first": seen_12_first, "seen_21_rest": seen_21_rest}
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(runs):
+    one = _train_bert(hl.DistEnv(), batch_size=8, grad_accum=1)
+    rank0, rank1 = runs["ranks"][0]["ddp"], runs["ranks"][1]["ddp"]
+    assert all((rank0[k] == rank1[k]).all() for k in rank0)
+    assert max(abs(rank0[k] - one[k].numpy()).max() for k in one) <= 1e-5
+    assert max((one[k] - weights(tiny_bert())[k]).abs().max().item() for k in one) > 1e-3  # it trained
+
+
+def test_elastic_resume_from_two_processes_on_one(runs):
+    order = hl.RandomSampler(N_ELASTIC, seed=5).order(0).tolist()
+    first_two_steps = sorted(i for rank in runs["ranks"] for batch in rank["seen_21"] for i in batch)
+    assert first_two_steps == sorted(order[:16])
+    assert runs["seen_21_rest"] == [order[16:24]]  # one process continues with the rest of the global order
+
+
+def test_elastic_resume_from_one_process_on_two(runs):
+    order = hl.RandomSampler(N_ELASTIC, seed=5).order(0).tolist()
+    assert runs["seen_12_first"] == [order[:8]]
+    per_step = [sorted(a + b) for a, b in zip(runs["ranks"][0]["seen_12"], runs["ranks"][1]["seen_12"])]
+    assert per_step == [sorted(order[8:16]), sorted(order[16:24])]
+
+
+def test_distributed_evaluate_and_predict_drop_padding_duplicates(runs):
+    single_eval, single_pred = _eval_and_predict(hl.DistEnv())
+    for rank in runs["ranks"]:
+        evaluation, predictions = rank["eval"]
+        assert (
+            evaluation["examples"] == 10
+        )  # 10 rows on 2 ranks in batches of 4: 2 padding duplicates removed
+        assert evaluation["loss"] == pytest.approx(single_eval["loss"], rel=1e-5)
+        assert evaluation["accuracy"] == single_eval["accuracy"]
+        assert predictions.shape == (10, 2)
+        torch.testing.assert_close(torch.from_numpy(predictions), single_pred)
