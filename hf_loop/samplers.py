@@ -89,13 +89,20 @@ class Sampler(TorchSampler, ABC):
 
     Subclasses implement ``_draw(epoch)``. ``__iter__`` never changes the sampler (DataLoader calls ``iter()`` on
     its batch sampler more than once per epoch), and ``state_dict`` holds only ints, bools and strings.
+
+    Example:
+        >>> s = RandomSampler(6, seed=0)
+        >>> state = s.state_dict(consumed=4)  # the caller used 4 items of this epoch
+        >>> fresh = RandomSampler(6, seed=0)
+        >>> fresh.load_state_dict(state)
+        >>> list(fresh) == list(s)[4:]
+        True
     """
 
     yields_batches = False
     _options: tuple[str, ...] = ()  # attributes a state must match, besides kind, n and seed
-    _hashed: tuple[str, str] | None = (
-        None  # (name, attribute) of the data array whose hash a state must match
-    )
+    # (name, attribute) of the data array whose hash a state must match, e.g. ("lengths", "lengths")
+    _hashed: tuple[str, str] | None = None
 
     def __init__(self, n: int, seed: int = 0, size: int | None = None) -> None:
         super().__init__()
