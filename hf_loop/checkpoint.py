@@ -257,10 +257,15 @@ def save_training(
     config,
     env: DistEnv,
     progress: dict,
+    consumed: int,
     identity: dict,
 ) -> Path:
-    """Collect every rank's loader and RNG state; rank 0 writes the file; all ranks wait for it."""
-    loader_states = all_gather_object(loader.state_dict(consumed=progress["consumed"]), env)
+    """Collect every rank's loader and RNG state; rank 0 writes the file; all ranks wait for it.
+
+    ``consumed`` is the number of batches the loop took from the loader's current iteration up to this
+    optimizer step, so batches staged or prefetched ahead of it are not counted as seen.
+    """
+    loader_states = all_gather_object(loader.state_dict(consumed=consumed), env)
     rng_states = all_gather_object(rng_state(), env)
     if env.is_main:
         save(

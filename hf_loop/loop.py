@@ -106,6 +106,7 @@ class _Run:
         }
     )
     last_eval_step: int = -1
+    taken: int = 0  # batches taken from the loader's current iteration (its state counts from there)
     last_eval: dict[str, float] = field(default_factory=dict)
     saved: Path | None = None
     saved_step: int = -1
@@ -127,7 +128,7 @@ class _Run:
             k: getattr(self, k) for k in ("raw", "optimizer", "scheduler", "scaler", "loader", "config")
         }
         self.saved = checkpoint.save_training(
-            path, env=self.env, progress=self.progress, identity=self.identity, **objects
+            path, env=self.env, progress=self.progress, consumed=self.taken, identity=self.identity, **objects
         )
         self.saved_step = self.progress["step"]
         return self.saved
@@ -302,6 +303,7 @@ def train(
                     even_steps(train_loader, env) if per_epoch is None and env.distributed else train_loader
                 )
                 micro_batches = staged(batches, env.device)
+                run.taken = 0
                 epoch_done = False
                 while not epoch_done and stop_reason is None and progress["step"] < total_steps:
                     # -- micro-steps: all of this optimizer step's batches first, so its target count is known
@@ -310,6 +312,7 @@ def train(
                         epoch_done = True
                         break
                     progress["consumed"] += len(micro)
+                    run.taken += len(micro)
                     epoch_done = per_epoch is not None and progress["consumed"] >= per_epoch
                     factor = accumulate(
                         micro,

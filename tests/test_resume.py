@@ -1,0 +1,116 @@
+"""Exact resume: kill -9 at several points (one mid-checkpoint-write), SIGTERM, reruns of a finished run.
+
+The kill tests run tests/_train_script.py (dropout, num_workers=2, a seeded augmentation, device staging) as a
+subprocess and compare the final weights bit for bit with ONE uninterrupted reference run, which is started in
+the background when the module begins so that it overlaps with the interrupted runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_script import classification_dataset, tiny_bert, weights
+
+import hf_loop as hl
+
+SCRIPT = Path(__file__).with_name("_train_script.py")
+
+
+def launch(out_dir: Path, **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env}
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out_dir)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, expected_rc: int) -> None:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == expected_rc, (
+        f"exit code {process.returncode}, expected {expected_rc}:\n{output}"
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, started in the background; waited for on first use."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    process = launch(out_dir)
+    yield lambda: (finish(process, 0), torch.load(out_dir / "final_weights.pt", weights_only=True))[1]
+    if process.poll() is None:
+        process.kill()
+
+
+def checkpoint_steps(out_dir: Path) -> list[int]:
+    return [int(p.stem.split("-")[1]) for p in hl_checkpoints(out_dir)]
+
+
+def hl_checkpoints(out_dir: Path) -> list[Path]:
+    from hf_loop import checkpoint
+
+    return checkpoint.list_checkpoints(out_dir)
+
+
+def test_kill9_at_several_points_then_rerun_is_bit_identical(reference, tmp_path):
+    # 48 rows, batch 8, grad_accum 2 -> 3 steps per epoch, 9 steps; checkpoints every 2 steps, keep_last=2.
+    finish(launch(tmp_path, HF_LOOP_TEST_KILL_AT_STEP="3"), -signal.SIGKILL)
+    assert checkpoint_steps(tmp_path) == [2]
+
+    # Resumes at 2, writes 4, dies halfway through writing 6: a temp file remains, never a step-6 checkpoint.
+    finish(launch(tmp_path, HF_LOOP_TEST_KILL_IN_SAVE="2"), -signal.SIGKILL)
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    assert list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+    finish(
+        launch(tmp_path, HF_LOOP_TEST_KILL_AT_STEP="7"), -signal.SIGKILL
+    )  # resumes at 4, writes 6, dies at 7
+    assert checkpoint_steps(tmp_path) == [4, 6]
+
+    finish(launch(tmp_path), 0)  # resumes at 6 and finishes
+    assert checkpoint_steps(tmp_path) == [8, 9]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    resumed = torch.load(tmp_path / "final_weights.pt", weights_only=True)
+    expected = reference()
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+def _dropout_run(out_dir: Path, on_log=None) -> hl.TrainResult:
+    model = tiny_bert(dropout=0.1)
+    loader = hl.make_loader(classification_dataset(24), batch_size=4, sampler="random", seed=2)
+    config = hl.TrainConfig(
+        epochs=2, grad_accum=2, out_dir=out_dir, progress=False, log_every=1, export=False
+    )
+    result = hl.train(model, loader, torch.optim.AdamW(model.parameters(), lr=1e-3), config, on_log=on_log)
+    result.weights = weights(model)
+    return result
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_is_exact(tmp_path):
+    uninterrupted = _dropout_run(tmp_path / "a")
+
+    def preempt(record):
+        if record.get("step") == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster scheduler sends before preemption
+
+    handler = signal.getsignal(signal.SIGTERM)
+    stopped = _dropout_run(tmp_path / "b", on_log=preempt)
+    assert stopped.stop_reason == "sigterm" and stopped.steps == 4  # mid-epoch: 3 steps per epoch
+    assert stopped.checkpoint.name == "step-00000004.pt"
+    assert signal.getsignal(signal.SIGTERM) == handler  # train restored the previous handler
+    resumed = _dropout_run(tmp_path / "b")
+    assert resumed.resumed_from == stopped.checkpoint and resumed.steps == 6 and resumed.epochs == 2
+    assert all(torch.equal(resumed.weights[k], uninterrupted.weights[k]) for k in uninterrupted.weights)
+
+    again = _dropout_run(tmp_path / "b")  # a finished run: nothing left to do, same weights
+    assert again.steps == 6 and again.train_loss is None
+    assert all(torch.equal(again.weights[k], uninterrupted.weights[k]) for k in uninterrupted.weights)
