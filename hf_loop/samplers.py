@@ -241,8 +241,8 @@ class RandomSampler(Sampler):
 class WeightedSampler(Sampler):
     """``num_samples`` indices drawn with probability proportional to ``weights``.
 
-    With replacement: one ``searchsorted`` into the cumulative weights (no 2^24 limit, unlike
-    ``torch.multinomial``). Without replacement: Efraimidis-Spirakis keys ``Exp(1) / w``, smallest first, which
+    With replacement: sorted uniforms, one ``searchsorted`` into the cumulative weights, then a shuffle (no
+    2^24 limit, unlike ``torch.multinomial``). Without replacement: Efraimidis-Spirakis keys ``Exp(1) / w``, smallest first, which
     draws successively proportional to the remaining weights. Zero weights are never drawn.
 
     Example:
