@@ -294,7 +294,9 @@ def _build_sampler(
             seed=seed,
         )
     if strategy == "subset":
-        return hs.SubsetSampler(need("indices"), shuffle=options.get("shuffle", True), seed=seed)
+        return hs.SubsetSampler(
+            need("indices"), shuffle=options.get("shuffle", True), seed=seed, dataset_size=n
+        )
     lengths = options.get("lengths")
     if lengths is None:
         if not hasattr(dataset, "lengths"):

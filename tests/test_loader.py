@@ -235,3 +235,16 @@ def test_real_two_process_weighted_run_matches_the_simulation():
         loader.set_epoch(2)
         simulated.append(indices(loader))
     assert results[0] == simulated
+
+
+def test_subset_indices_past_the_dataset_are_refused():
+    with pytest.raises(ValueError, match=str(N)):
+        hl.make_loader(hl.MapDataset(tokenized()), batch_size=4, sampler="subset", indices=[0, N + 5])
+
+
+def test_length_grouping_refuses_a_resume_with_another_global_batch():
+    old = build("length", env=hl.DistEnv(rank=0, world_size=2), batch_size=2)
+    next(iter(old))
+    fresh = build("length", env=hl.DistEnv(rank=0, world_size=3), batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"), pytest.warns(UserWarning, match="global batch"):
+        fresh.load_state_dict(old.state_dict())
