@@ -356,7 +356,9 @@ def _header(args: Namespace, data: Data, model: Any, env: DistEnv, steps: int, l
 def _log_line(record: Mapping[str, Any], steps: int) -> str:
     if "eval_loss" in record:
         extra = "".join(
-            f"  {k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_") and k != "eval_loss"
+            f"  {k[5:]} {v:.4f}"
+            for k, v in record.items()
+            if k.startswith("eval_") and k not in ("eval_loss", "eval_examples")
         )
         return f"step {record['step']:>5}/{steps}  eval loss {record['eval_loss']:.4f}{extra}"
     padding = record.get("padding")
