@@ -25,7 +25,9 @@ __all__ = ["BoundStream", "StreamDataset", "StreamPlan", "StreamTracker"]
 logger = logging.getLogger("hf_loop")
 
 BUCKET_BATCHES = 50  # default window when bucketing without shuffling: 50 batches (a "megabatch")
-TOKEN_WINDOW = 2048  # default window (examples) for token-budget batches without shuffling
+PLAIN_WINDOW = (
+    1024  # default window (examples) otherwise: file order, so only the reading granularity changes
+)
 
 
 class StreamDataset(IterableDataset):
@@ -50,8 +52,8 @@ class StreamDataset(IterableDataset):
         rename_label: rename ``label`` to ``labels`` (transformers' name).
         bucket: a list column (e.g. "input_ids") to group batches by length within each window, so streamed
             batches carry little padding. Token-budget batches (``max_tokens``) bucket by "input_ids" unless told.
-        window: examples per window when ``shuffle_buffer`` is 0 (default: 50 batches when bucketing, else one
-            batch). Windows are rounded up to whole batches.
+        window: examples per window when ``shuffle_buffer`` is 0 (default: 50 batches when bucketing, else 1024
+            examples). Windows are rounded up to whole batches. A resume re-reads at most one window.
         split_examples: when there are fewer shards (and row groups) than readers, let every reader read all
             shards and keep 1 example in N (slower: each reader reads everything). Off: that is an error.
 
@@ -210,7 +212,7 @@ class StreamDataset(IterableDataset):
     def _window(self, batch_size: int | None) -> int:
         size = self.shuffle_buffer or self.window
         if size is None:
-            size = TOKEN_WINDOW if batch_size is None else batch_size * (BUCKET_BATCHES if self.bucket else 1)
+            size = batch_size * BUCKET_BATCHES if self.bucket and batch_size else PLAIN_WINDOW
         return -(-size // batch_size) * batch_size if batch_size else size  # whole batches
 
     def _columns(self, table: pa.Table, rng: np.random.Generator) -> dict[str, Any]:

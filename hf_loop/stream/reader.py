@@ -17,13 +17,13 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from hf_loop.data import Columns, _arrow_lengths, _column_len, _describe
+from hf_loop.data import Columns, _arrow_lengths, _column_len
 from hf_loop.hub import DataError
 from hf_loop.stream.plan import Layout, assign, shard_counts
 
 # item kinds: a full batch, a reader's short last batch (merged in the main process), end of the reader
 BATCH, TAIL, END = 0, 1, 2
-READ_ROWS = 1024  # rows per Arrow table read from the source
+READ_ROWS = 8192  # most rows per Arrow table read from the source (one window when it fits)
 
 
 class BoundStream(IterableDataset):
@@ -109,16 +109,20 @@ class BoundStream(IterableDataset):
         units = assign(self.layout, self.stream.seed, epoch, shuffle)[reader]
         first_window, skip = start[0], start[3]
         for w, table, (pos, off), (next_pos, next_off) in self._windows(reader, units, *start[:3]):
-            rng = np.random.default_rng([self.stream.seed, epoch, reader, w])
-            if shuffle:
-                table = table.take(pa.array(rng.permutation(table.num_rows)))
+            rng = None
+            if shuffle or self.stream._with_rng:
+                rng = np.random.default_rng([self.stream.seed, epoch, reader, w])
+            perm = rng.permutation(table.num_rows) if shuffle else None
             columns = self.stream._columns(table, rng)
-            groups = self._group(table.num_rows, columns, rng if shuffle else None)
+            order, groups = self._group(table.num_rows, columns, perm, rng)
+            if order is not None:  # one gather for the window; each batch is then a zero-copy slice of it
+                columns = {k: _take(v, order) for k, v in columns.items()}
             for b, idx in enumerate(groups):
                 if w == first_window and b < skip:
                     continue  # consumed before the resume: recomputed, never collated
-                rows = Columns({k: _take(v, idx) for k, v in columns.items()}, len(idx))
-                if self.batch_size and len(idx) < self.batch_size:
+                size = idx.stop - idx.start
+                rows = Columns({k: _take(v, idx) for k, v in columns.items()}, size)
+                if self.batch_size and size < self.batch_size:
                     yield rows, (local, epoch, TAIL, w, pos, off, b)
                     continue
                 after = (w, pos, off, b + 1) if b + 1 < len(groups) else (w + 1, next_pos, next_off, 0)
@@ -171,7 +175,7 @@ class BoundStream(IterableDataset):
                 ]
         columns = self.stream.read_columns
         for part, at in parts:
-            for table in part.with_format("arrow").iter(batch_size=READ_ROWS):
+            for table in part.with_format("arrow").iter(batch_size=min(self.window, READ_ROWS)):
                 n = table.num_rows
                 if at + n > offset:
                     if columns is not None:
@@ -179,27 +183,37 @@ class BoundStream(IterableDataset):
                     yield max(at, offset), table.slice(max(offset - at, 0))
                 at += n
 
-    def _group(self, n: int, columns: dict[str, Any], rng: np.random.Generator | None) -> list[np.ndarray]:
-        """The window's batches as index arrays: by length when bucketing, a token budget or a batch size."""
-        order = np.arange(n)
-        lengths = None
-        if self.length_column is not None:
+    def _group(
+        self, n: int, columns: dict[str, Any], perm: np.ndarray | None, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray | None, list[slice]]:
+        """The window's row order (None: as read) and its batches as slices of that order.
+
+        The order is ``perm`` (the window's shuffle), sorted by length when bucketing; batches are runs of a
+        batch size or of a token budget, and bucketed batches are then shuffled."""
+        if self.length_column is None:
+            order = perm
+            bounds = list(range(0, n, self.batch_size)) + [n]
+        else:
             if self.length_column not in columns:
                 raise DataError(
                     f"bucketing by {self.length_column!r}, but the stream's batches have no such column; "
                     f"available: {sorted(columns)}. Pass StreamDataset(bucket=<a list column>) or bucket=None"
                 )
             lengths = _lengths(columns[self.length_column], self.length_column)
-            order = np.argsort(lengths, kind="stable")  # the window is already permuted: ties stay random
-        if self.max_tokens is not None:
-            groups = _token_budget(order, lengths[order], self.max_tokens)
-        else:
-            groups = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        if rng is not None and lengths is not None and len(groups) > 1:
+            base = np.arange(n) if perm is None else perm
+            order = base[np.argsort(lengths[base], kind="stable")]  # ties keep the shuffled order
+            if self.max_tokens is not None:
+                bounds = _token_budget(lengths[order], self.max_tokens)
+            else:
+                bounds = list(range(0, n, self.batch_size)) + [n]
+        groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        if perm is not None and self.length_column is not None and len(groups) > 1:
             # bucketed batches come out sorted by length: shuffle their order (a short last batch stays last)
-            full = len(groups) - (1 if self.batch_size and len(groups[-1]) < self.batch_size else 0)
+            full = len(groups) - (
+                1 if self.batch_size and groups[-1].stop - groups[-1].start < self.batch_size else 0
+            )
             groups = [groups[i] for i in rng.permutation(full)] + groups[full:]
-        return groups
+        return order, groups
 
 
 class _CollateWithMeta:
@@ -210,7 +224,9 @@ class _CollateWithMeta:
 
     def __call__(self, item: tuple[Any, tuple[int, ...]]) -> tuple[Any, tuple[int, ...]]:
         rows, meta = item
-        if meta[2] != BATCH:
+        if meta[2] == TAIL:  # a plain dict of columns: survives pin_memory, which rebuilds lists and tuples
+            return dict(rows.columns), meta
+        if meta[2] == END:
             return rows, meta
         return self.collate_fn(rows), meta
 
@@ -231,7 +247,9 @@ def _cut(pieces: list[tuple[int, np.ndarray, pa.Table]], size: int) -> tuple[pa.
     return pa.concat_tables(taken).combine_chunks(), rest
 
 
-def _take(values: Any, idx: np.ndarray) -> Any:
+def _take(values: Any, idx: np.ndarray | slice) -> Any:
+    if isinstance(idx, slice):
+        return values.slice(idx.start, idx.stop - idx.start) if hasattr(values, "slice") else values[idx]
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values.take(pa.array(idx))
     if isinstance(values, (np.ndarray, torch.Tensor)):
@@ -248,17 +266,12 @@ def _lengths(values: Any, name: str) -> np.ndarray:
     return np.fromiter(map(len, values), dtype=np.int64, count=_column_len(values))
 
 
-def _token_budget(order: np.ndarray, sorted_lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Greedy batches over ascending lengths: as many examples as fit ``count * longest <= max_tokens``
+def _token_budget(sorted_lengths: np.ndarray, max_tokens: int) -> list[int]:
+    """Batch boundaries over ascending lengths: as many examples as fit ``count * longest <= max_tokens``
     (an example longer than the budget gets a batch of its own). One vectorised step per batch."""
-    groups, start, n = [], 0, len(order)
+    bounds, start, n = [0], 0, len(sorted_lengths)
     while start < n:
         cost = np.arange(1, n - start + 1) * np.maximum(sorted_lengths[start:], 1)
-        stop = start + max(int(np.searchsorted(cost, max_tokens, side="right")), 1)
-        groups.append(order[start:stop])
-        start = stop
-    return groups
-
-
-def describe_transform(fn: Callable) -> str:
-    return _describe(fn)
+        start += max(int(np.searchsorted(cost, max_tokens, side="right")), 1)
+        bounds.append(start)
+    return bounds

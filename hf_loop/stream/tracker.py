@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-from hf_loop.data import Columns
+from hf_loop.data import Columns, _column_len
 from hf_loop.stream.reader import END, TAIL, BoundStream
 
 _KEEP = 50_000  # consumed-position records kept per pass before the oldest are folded into a snapshot
@@ -160,14 +160,15 @@ class StreamTracker:
         yield from self._merged_tails([t for t in tails if t is not None])
         self._finished = True
 
-    def _merged_tails(self, tails: list[Columns]) -> Iterator[Any]:
-        """The readers' short last batches, concatenated in reader order and cut into full batches."""
+    def _merged_tails(self, tails: list[dict[str, Any]]) -> Iterator[Any]:
+        """The readers' short last batches (dicts of columns), concatenated in reader order and cut into full
+        batches, collated here in the main process."""
         size = self.bound.batch_size
-        rows = sum(len(t) for t in tails)
+        rows = sum(_column_len(next(iter(t.values()))) for t in tails if t)
         if not rows:
             return
-        names = list(tails[0].columns)
-        merged = {name: _concat([t.columns[name] for t in tails]) for name in names}
+        names = list(tails[0])
+        merged = {name: _concat([t[name] for t in tails]) for name in names}
         stop = rows - rows % size if self.bound.drop_last else rows
         for k, begin in enumerate(range(0, stop, size)):
             if k < self._tails:
