@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 import hf_loop as hl
@@ -118,3 +119,31 @@ def test_plot_run_errors_and_missing_matplotlib(tmp_path, monkeypatch):
         hl.plot_run(tmp_path)
     rep = report.inspect(Dataset.from_dict({"input_ids": [[1], [1, 2]]}), out=tmp_path / "r")
     assert rep.histogram is None and "pip install 'hf-loop[plot]'" in rep.notes[-1]
+
+
+class TinyClassifier(torch.nn.Module):
+    def __init__(self, vocab: int, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = torch.nn.EmbeddingBag(vocab, 8, mode="sum")
+        self.head = torch.nn.Linear(8, classes)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        logits = self.head(self.embed(input_ids, per_sample_weights=attention_mask.float()))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_plot_run_reads_the_metrics_the_loop_writes(text_dataset, tokenizer, tmp_path):
+    def tokenize(batch):
+        return {"input_ids": tokenizer(batch["text"])["input_ids"], "label": batch["label"]}
+
+    data = hl.MapDataset(text_dataset, transform=tokenize)
+    loader = hl.make_loader(data, batch_size=10, collate_fn=hl.PadCollator.for_tokenizer(tokenizer))
+    torch.manual_seed(0)
+    model = TinyClassifier(len(tokenizer))
+    config = hl.TrainConfig(max_steps=6, log_every=2, out_dir=tmp_path, progress=False, scheduler="linear")
+    hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), config, eval_loader=loader)
+    records = report.read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6] and any("eval_loss" in r for r in records)
+    png = hl.plot_run(tmp_path)
+    assert png == tmp_path / "run.png" and png.stat().st_size > 1000

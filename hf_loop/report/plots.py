@@ -100,12 +100,15 @@ def plot_run(out_dir: str | Path, path: str | Path | None = None) -> Path:
         )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    handles = list(ax.get_lines())
     lrs = [r for r in train if "lr" in r]
     if lrs:
         twin = ax.twinx()
-        twin.plot([r["step"] for r in lrs], [r["lr"] for r in lrs], ":", color="gray", label="lr")
+        handles += twin.plot(
+            [r["step"] for r in lrs], [r["lr"] for r in lrs], ":", color="gray", label="lr (right)"
+        )
         twin.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
