@@ -1,8 +1,9 @@
-"""The training loop: ``TrainConfig``, ``train``, and the ``evaluate``/``predict`` it uses.
+"""The training loop: ``train``, plus re-exports of ``TrainConfig`` and ``evaluate``/``predict``.
 
 ``train`` reads top to bottom: setup -> resume -> epochs -> micro-steps -> optimizer step -> log/eval/checkpoint
 -> teardown. Helpers sit above it. Per-batch bookkeeping (which keys reach the model, how many loss targets a batch
-holds, device staging) lives in ``steps.py``; files in ``checkpoint.py``; evaluation in ``evaluation.py``.
+holds, device staging) lives in ``steps.py``; files in ``checkpoint.py``; evaluation in ``evaluation.py``;
+settings in ``config.py``.
 """
 
 from __future__ import annotations
@@ -105,11 +106,68 @@ class _Run:
             "finished": None,
         }
     )
+    model: torch.nn.Module | None = None  # raw, or wrapped by torch.compile / DDP
+    inputs: ModelInputs | None = None
+    window: Window | None = None
     last_eval_step: int = -1
     taken: int = 0  # batches taken from the loader's current iteration (its state counts from there)
     last_eval: dict[str, float] = field(default_factory=dict)
     saved: Path | None = None
     saved_step: int = -1
+
+    def resume(self, path: Path) -> None:
+        """Load the checkpoint at ``path`` after checking it belongs to this model and data."""
+        state = checkpoint.load(path)
+        checkpoint.check_identity(state["identity"], self.identity, path)
+        objects = {
+            k: getattr(self, k) for k in ("raw", "optimizer", "scheduler", "scaler", "loader", "config")
+        }
+        checkpoint.restore(state, path=path, env=self.env, **objects)
+        progress = self.progress
+        progress.update({k: state[k] for k in progress})
+        if getattr(self.loader, "epoch", progress["epoch"]) != progress["epoch"]:  # saved at an epoch's end
+            progress.update(epoch=self.loader.epoch, consumed=0)
+        self.saved, self.saved_step, self.last_eval_step = path, progress["step"], progress["step"]
+
+    def step(self, micro: list[dict[str, Any]], log_now: bool) -> tuple[torch.Tensor | None, bool]:
+        """Forward/backward over one optimizer step's micro-batches, then the optimizer step itself."""
+        config = self.config
+        factor = accumulate(micro, model=self.model, inputs=self.inputs, loss_fn=self.loss_fn, scaler=self.scaler,
+                            config=config, env=self.env, window=self.window)  # fmt: skip
+        params = [p for p in self.raw.parameters() if p.requires_grad]
+        norm, skipped = optimizer_step(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                                       params=params, config=config, factor=factor, want_norm=log_now)  # fmt: skip
+        if skipped:
+            bad = self.progress["bad_steps"] = self.progress.get("bad_steps", 0) + 1
+            logger.warning(
+                "step %d: non-finite gradient norm, step skipped (%d in a row)",
+                self.progress["step"] + 1,
+                bad,
+            )
+            if bad >= config.max_bad_steps:
+                raise FloatingPointError(
+                    f"{bad} optimizer steps in a row had a non-finite gradient norm (last at step "
+                    f"{self.progress['step'] + 1}); lower the learning rate, use bf16 instead of fp16, or set "
+                    "max_grad_norm"
+                )
+        else:
+            self.progress["step"] += 1
+            self.progress.pop("bad_steps", None)
+        return norm, skipped
+
+    def finish(self, stop_reason: str) -> None:
+        """Final evaluation, final checkpoint and ``save_pretrained`` export, unless a rerun has nothing new."""
+        if stop_reason == "sigterm" or (
+            self.saved_step == self.progress["step"] and self.progress["finished"]
+        ):
+            return
+        if self.eval_loader is not None and self.last_eval_step != self.progress["step"]:
+            self.evaluate()
+        self.progress["finished"] = stop_reason
+        if self.config.out_dir is not None:
+            self.save()
+            if self.config.export and self.env.is_main and hasattr(self.raw, "save_pretrained"):
+                self.raw.save_pretrained(Path(self.config.out_dir) / "final")
 
     def emit(self, record: dict[str, Any]) -> None:
         if not self.env.is_main:
@@ -232,21 +290,11 @@ def train(
             f"{type(train_loader).__name__}; build it with hl.make_loader(...)"
         )
     raw = model.to(env.device)
-    inputs = ModelInputs(raw, config.model_inputs)
     scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # loop owns it
-    run = _Run(
-        raw=raw,
-        optimizer=optimizer,
-        scheduler=_build_scheduler(config, optimizer, total_steps),
-        scaler=scaler,
-        loader=train_loader,
-        config=config,
-        env=env,
-        eval_loader=eval_loader,
-        loss_fn=loss_fn,
-        metrics=metrics,
-        on_log=on_log,
-    )
+    run = _Run(raw=raw, optimizer=optimizer, scheduler=_build_scheduler(config, optimizer, total_steps),
+               scaler=scaler, loader=train_loader, config=config, env=env, eval_loader=eval_loader,
+               loss_fn=loss_fn, metrics=metrics, on_log=on_log, inputs=ModelInputs(raw, config.model_inputs),
+               window=Window(env.device))  # fmt: skip
     progress = run.progress
 
     # -- resume: the newest complete checkpoint, refused when it belongs to another model or dataset
@@ -254,32 +302,12 @@ def train(
     resumed_from = checkpoint.latest(config.out_dir)
     if config.out_dir is not None:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(config.out_dir)  # half-written files of a killed run
         run.identity = checkpoint.run_identity(raw, train_loader)
     if resumed_from is not None:
-        checkpoint.remove_stale_temporaries(config.out_dir)
-        state = checkpoint.load(resumed_from)
-        checkpoint.check_identity(state["identity"], run.identity, resumed_from)
-        checkpoint.restore(
-            state,
-            path=resumed_from,
-            raw=raw,
-            optimizer=optimizer,
-            scheduler=run.scheduler,
-            scaler=scaler,
-            loader=train_loader,
-            config=config,
-            env=env,
-        )
-        progress.update({k: state[k] for k in progress})
-        if getattr(train_loader, "epoch", progress["epoch"]) != progress["epoch"]:  # saved at an epoch's end
-            progress.update(epoch=train_loader.epoch, consumed=0)
-        run.saved, run.saved_step, run.last_eval_step = resumed_from, progress["step"], progress["step"]
-    model = _wrap(raw, config, env)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    window, totals = (
-        Window(env.device),
-        {"loss": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0, "logs": 0},
-    )
+        run.resume(resumed_from)
+    run.model = _wrap(raw, config, env)
+    totals = {"loss_sum": 0.0, "targets": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0}
     # A finished run can be extended (a larger max_steps or epochs); an early-stopped one stays stopped.
     stop_reason = "early_stopping" if progress["finished"] == "early_stopping" else None
     last_loss = None
@@ -302,7 +330,7 @@ def train(
                 batches = (
                     even_steps(train_loader, env) if per_epoch is None and env.distributed else train_loader
                 )
-                micro_batches = staged(batches, env.device)
+                micro_batches = staged(batches, env.device)  # the next batch is copied while this step runs
                 run.taken = 0
                 epoch_done = False
                 while not epoch_done and stop_reason is None and progress["step"] < total_steps:
@@ -314,55 +342,32 @@ def train(
                     progress["consumed"] += len(micro)
                     run.taken += len(micro)
                     epoch_done = per_epoch is not None and progress["consumed"] >= per_epoch
-                    factor = accumulate(
-                        micro,
-                        model=model,
-                        inputs=inputs,
-                        loss_fn=loss_fn,
-                        scaler=scaler,
-                        config=config,
-                        env=env,
-                        window=window,
-                    )
 
-                    # -- optimizer step
-                    log_now = (progress["step"] + 1) % config.log_every == 0 or progress[
-                        "step"
-                    ] + 1 == total_steps
-                    norm, skipped = optimizer_step(
-                        optimizer=optimizer,
-                        scheduler=run.scheduler,
-                        scaler=scaler,
-                        params=params,
-                        config=config,
-                        factor=factor,
-                        want_norm=log_now,
-                    )
+                    # -- optimizer step (a skipped one, with a non-finite gradient, is not counted)
+                    upcoming = progress["step"] + 1
+                    log_now = upcoming % config.log_every == 0 or upcoming == total_steps
+                    norm, skipped = run.step(micro, log_now)
                     if skipped:
-                        _count_bad_step(progress, config)
                         continue
-                    progress["step"] += 1
-                    progress.pop("bad_steps", None)
                     if run.bar is not None:
                         run.bar.update(1)
 
                     # -- log (the only host sync of a default step), evaluate, checkpoint, stop
                     if log_now:
-                        stats = run.log(window, norm)
+                        stats = run.log(run.window, norm)
                         last_loss = stats["loss"]
-                        totals.update({k: totals[k] + stats[k] for k in ("samples", "tokens", "seconds")})
-                        totals.update(loss=totals["loss"] + stats["loss"], logs=totals["logs"] + 1)
+                        totals = {k: totals[k] + stats[k] for k in totals}
                         if env.distributed:  # preemption may reach the ranks at different steps: agree here
                             sigterm["set"] = bool(all_reduce(int(sigterm["set"]), env, op="max"))
                     every_eval = config.eval_every and progress["step"] % config.eval_every == 0
                     if eval_loader is not None and (every_eval or (epoch_done and not config.eval_every)):
-                        run.evaluate()
+                        run.evaluate()  # also checkpoints a new best
                     preempted = sigterm["set"] and (log_now or not env.distributed)
                     every_ckpt = config.checkpoint_every and progress["step"] % config.checkpoint_every == 0
                     if (
                         config.out_dir is not None
                         and (every_ckpt or preempted)
-                        and run.saved_step != progress["step"]
+                        and run.saved_step != upcoming
                     ):
                         run.save()
                     if preempted:
@@ -374,49 +379,17 @@ def train(
                     progress["consumed"] = 0
 
             # -- teardown: final eval, final checkpoint, export
-            if stop_reason is None:
-                stop_reason = "completed"
-            if stop_reason != "sigterm" and (
-                run.saved_step != progress["step"] or progress["finished"] is None
-            ):
-                if eval_loader is not None and run.last_eval_step != progress["step"]:
-                    run.evaluate()
-                progress["finished"] = stop_reason
-                if config.out_dir is not None:
-                    run.save()
-                    if config.export and env.is_main and hasattr(raw, "save_pretrained"):
-                        raw.save_pretrained(Path(config.out_dir) / "final")
+            stop_reason = stop_reason or "completed"
+            run.finish(stop_reason)
         finally:
             if run.bar is not None:
                 run.bar.close()
     seconds = max(totals["seconds"], 1e-9)
-    padding = getattr(getattr(train_loader, "padding", None), "waste", None)
     return TrainResult(
-        steps=progress["step"],
-        epochs=progress["epoch"],
-        train_loss=totals["loss"] / totals["logs"] if totals["logs"] else None,
-        last_loss=last_loss,
-        eval=run.last_eval,
-        best_metric=progress["best"],
-        best_checkpoint=Path(progress["best_path"]) if progress["best_path"] else None,
-        checkpoint=run.saved,
-        samples_per_s=totals["samples"] / seconds,
-        tokens_per_s=totals["tokens"] / seconds,
-        padding=padding,
-        stop_reason=stop_reason,
+        steps=progress["step"], epochs=progress["epoch"], last_loss=last_loss, eval=run.last_eval,
+        train_loss=totals["loss_sum"] / totals["targets"] if totals["targets"] else None,
+        best_metric=progress["best"], best_checkpoint=Path(progress["best_path"]) if progress["best_path"] else None,
+        checkpoint=run.saved, samples_per_s=totals["samples"] / seconds, tokens_per_s=totals["tokens"] / seconds,
+        padding=getattr(getattr(train_loader, "padding", None), "waste", None), stop_reason=stop_reason,
         resumed_from=resumed_from,
-    )
-
-
-def _count_bad_step(progress: dict[str, Any], config: TrainConfig) -> None:
-    progress["bad_steps"] = progress.get("bad_steps", 0) + 1
-    logger.warning(
-        "step %d: non-finite gradient norm, step skipped (%d in a row)",
-        progress["step"] + 1,
-        progress["bad_steps"],
-    )
-    if progress["bad_steps"] >= config.max_bad_steps:
-        raise FloatingPointError(
-            f"{progress['bad_steps']} optimizer steps in a row had a non-finite gradient norm (last at step "
-            f"{progress['step'] + 1}); lower the learning rate, use bf16 instead of fp16, or set max_grad_norm"
-        )
+    )  # fmt: skip

@@ -258,6 +258,8 @@ class Window:
         self.__init__(self.device)
         return {
             "loss": loss / max(targets, 1.0),
+            "loss_sum": loss,
+            "targets": targets,
             "samples": samples,
             "tokens": tokens,
             "samples_per_s": samples / seconds,
