@@ -164,6 +164,41 @@ def _pickle_problem(transform: Callable | None) -> str | None:
     return None
 
 
+class _NumericColumn:
+    """Zero-copy numpy views of one numeric (or list-of-numeric) column, chunk by chunk, for gathering rows with
+    per-row slices of the values: no pyarrow object per row and no concatenation of the whole chunk."""
+
+    def __init__(self, chunks: list[pa.Array]) -> None:
+        self.nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
+        self.large = isinstance(chunks[0], pa.LargeListArray)
+        # memoryviews index to Python ints far faster than numpy scalars
+        self.offsets = [memoryview(c.offsets.to_numpy()) for c in chunks] if self.nested else []
+        self.values = [(c.values if self.nested else c).to_numpy() for c in chunks]
+        self.scalars = [] if self.nested else [memoryview(v) for v in self.values]
+
+    @staticmethod
+    def usable(chunks: list[pa.Array]) -> bool:
+        kind = chunks[0].type
+        nested = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        child = kind.value_type if nested else kind
+        if not (pa.types.is_integer(child) or pa.types.is_floating(child)):
+            return False
+        return not any(c.null_count or (nested and c.values.null_count) for c in chunks)
+
+    def gather(self, which: list[int], local: list[int]) -> pa.Array:
+        if not self.nested:
+            return pa.array(
+                np.array([self.scalars[b][s] for b, s in zip(which, local)], self.values[0].dtype)
+            )
+        offsets, values = self.offsets, self.values
+        parts = [values[b][offsets[b][s] : offsets[b][s + 1]] for b, s in zip(which, local)]
+        bounds = np.zeros(len(parts) + 1, dtype=np.int64 if self.large else np.int32)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
+        flat = np.concatenate(parts) if parts else values[0][:0]
+        make = pa.LargeListArray if self.large else pa.ListArray
+        return make.from_arrays(pa.array(bounds), pa.array(flat))
+
+
 class MapDataset(TorchDataset):
     """A ``datasets.Dataset`` as a torch map-style dataset with batched reads and an on-the-fly transform.
 
@@ -216,6 +251,7 @@ class MapDataset(TorchDataset):
                 f"columns must be a list of column names, got the string {columns!r}; use [{columns!r}]"
             )
         self.ds = ds
+        self._len = len(ds)  # datasets' __len__ is slow enough to show per batch
         self.transform = transform
         self.columns = None if columns is None else list(columns)
         self.seed = seed
@@ -251,55 +287,80 @@ class MapDataset(TorchDataset):
             offsets = np.cumsum([0] + [b.num_rows for b in batches])
             mapping = self.ds._indices  # the view left by select/shuffle/filter: dataset row -> table row
             index_map = None if mapping is None else mapping.column(0).to_numpy().astype(np.int64, copy=False)
-            self._cache = {"table": table, "batches": batches, "offsets": offsets, "index_map": index_map}
+            features = self.ds.features  # a deep copy on every access: read it once
+            decode = {
+                n for n in table.column_names if getattr(features, "_column_requires_decoding", {}).get(n)
+            }
+            numeric = {}
+            for name in table.column_names if len(batches) > 1 else []:
+                chunks = [b.column(name) for b in batches]
+                if name not in decode and _NumericColumn.usable(chunks):
+                    numeric[name] = _NumericColumn(chunks)
+            self._cache = {
+                "numeric": numeric,
+                "table": table,
+                "batches": batches,
+                "offsets": offsets,
+                "index_map": index_map,
+                "features": features,
+                "decode": decode,
+            }
         return self._cache
 
-    def _read(self, rows: np.ndarray) -> pa.Table:
-        """One Arrow read of the given table rows, as a single-chunk table in the given order."""
+    def _read(self, rows: np.ndarray) -> dict[str, pa.Array]:
+        """One read of the given table rows: a dict of single-chunk Arrow arrays, in the given order."""
         cache = self._arrow()
         batches, offsets, table = cache["batches"], cache["offsets"], cache["table"]
-        if len(rows) == 0:
-            return table.slice(0, 0)
-        if len(batches) == 1:
-            return pa.Table.from_batches([batches[0].take(pa.array(rows))])
-        first = int(rows[0])
-        if len(rows) > 1 and (np.diff(rows) == 1).all():  # a contiguous run (sequential order): one slice
-            return table.slice(first, len(rows)).combine_chunks()
-        # Table.take would concatenate every chunk of a memory-mapped table first; slicing rows out of their
-        # record batches touches only the rows asked for.
-        which = np.searchsorted(offsets, rows, side="right") - 1
-        starts = rows - offsets[which]
-        parts = [batches[b].slice(s, 1) for b, s in zip(which.tolist(), starts.tolist())]
-        return pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+        first, n = (int(rows[0]), len(rows)) if len(rows) else (0, 0)
+        if n == 0 or len(batches) == 1:
+            part = table.slice(0, 0) if n == 0 else pa.Table.from_batches([batches[0].take(pa.array(rows))])
+        elif int(rows[-1]) - first == n - 1 and np.array_equal(rows, np.arange(first, first + n)):
+            part = table.slice(first, n)  # a contiguous run (sequential order): one slice
+        else:
+            # Table.take would concatenate every chunk of a memory-mapped table first; gather only the rows
+            # asked for: numeric columns from numpy views, the others as one-row slices of their record batches.
+            which = np.searchsorted(offsets, rows, side="right") - 1
+            w, local = which.tolist(), (rows - offsets[which]).tolist()
+            numeric = cache["numeric"]
+            out = {name: numeric[name].gather(w, local) for name in numeric}
+            others = [name for name in table.column_names if name not in numeric]
+            if others:
+                parts = [batches[b].select(others).slice(s, 1) for b, s in zip(w, local)]
+                rest = pa.Table.from_batches(parts).combine_chunks()
+                out.update({name: rest.column(name).chunk(0) for name in others})
+            return {name: out[name] for name in table.column_names}
+        part = part.combine_chunks()
+        return {
+            name: (c.chunk(0) if c.num_chunks else pa.array([], c.type))
+            for name, c in zip(part.column_names, part.columns)
+        }
 
-    def _decode(self, table: pa.Table, as_python: bool) -> dict[str, Any]:
-        """Columns of ``table``: Python lists for a transform; otherwise Arrow arrays, decoding only the
-        features that need it (images, audio)."""
-        features = self.ds.features
-        needs = getattr(features, "_column_requires_decoding", {})
+    def _decode(self, arrays: dict[str, pa.Array], as_python: bool) -> dict[str, Any]:
+        """Python lists for a transform; otherwise the Arrow arrays, decoding only the features that need it
+        (images, audio)."""
+        cache = self._arrow()
         out: dict[str, Any] = {}
-        for name in table.column_names:
-            column = table.column(name)
-            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-            if as_python or needs.get(name, False):
-                values = array.to_pylist()
-                out[name] = features.decode_column(values, name) if needs.get(name, False) else values
+        for name, array in arrays.items():
+            if name in cache["decode"]:
+                out[name] = cache["features"].decode_column(array.to_pylist(), name)
             else:
-                out[name] = array
+                out[name] = array.to_pylist() if as_python else array
         return out
 
     # --- the batch path ---
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return self._len
 
     def _global_indices(self, indices: Sequence[int]) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
-        if len(idx) and (idx.min() < -n or idx.max() >= n):
-            bad = int(idx[(idx < -n) | (idx >= n)][0])
-            raise IndexError(f"index {bad} is out of range for a dataset of {n} rows")
-        return np.where(idx < 0, idx + n, idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):  # rare: negative or bad indices
+            if idx.min() < -n or idx.max() >= n:
+                bad = int(idx[(idx < -n) | (idx >= n)][0])
+                raise IndexError(f"index {bad} is out of range for a dataset of {n} rows")
+            idx = np.where(idx < 0, idx + n, idx)
+        return idx
 
     def __getitems__(self, indices: Sequence[int]) -> Columns:
         """Rows ``indices`` as one :class:`Columns` batch: one Arrow read, one transform call."""

@@ -1,0 +1,122 @@
+"""Map-style loader benchmark: a pre-tokenized datasets.Dataset -> padded batches, num_workers=0 (DESIGN.md §4).
+
+Batch 32, random order, lognormal token lengths (median 100, sigma 0.8, clipped to 8..512), stored as
+``datasets.map`` leaves a tokenizer's output (input_ids int32, attention_mask int8, record batches of 1000 rows).
+
+- hl.MapDataset + hl.make_loader (PadCollator)                         <- hf_loop
+- (i)   HF Dataset (its __getitems__) in a plain DataLoader + a good hand-written numpy pad   target: >= 2x this
+- (ii)  HF Dataset.with_format("torch") + pad_sequence
+- (iii) Trainer-style: HF Dataset in a DataLoader + DataCollatorWithPadding                    target: >= 15x this
+A sequential-order row for hf_loop and (i) is shown too.
+
+Run: python benchmarks/map_loader.py [--rows 16000] [--repeat 3] [--out benchmarks/results/map_loader.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import compare, fast_tokenizer, machine, make_tokenized_dataset, table  # noqa: E402
+
+import hf_loop as hl  # noqa: E402
+
+BATCH = 32
+
+
+def hand_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A good hand-written numpy pad: one row assignment per example, the mask from lengths."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        ids[i, :n] = row["input_ids"]
+        mask[i, :n] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+def torch_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """What users write over with_format("torch"): pad_sequence per field."""
+    return {
+        key: pad_sequence([r[key] for r in rows], batch_first=True, padding_value=0).long()
+        for key in ("input_ids", "attention_mask")
+    }
+
+
+def epoch(loader) -> callable:
+    def one_pass() -> int:
+        count = 0
+        for batch in loader:
+            count += batch["input_ids"].shape[0]
+        return count
+
+    return one_pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from transformers import DataCollatorWithPadding
+
+    ds = make_tokenized_dataset(args.rows, seed=0)
+    generator = torch.Generator().manual_seed(0)
+
+    def plain(dataset, collate, sampler=None):
+        sampler = sampler or RandomSampler(dataset, generator=generator)
+        return DataLoader(dataset, batch_size=BATCH, sampler=sampler, collate_fn=collate)
+
+    ours = hl.make_loader(hl.MapDataset(ds), batch_size=BATCH, sampler="random", seed=0)
+    ours_seq = hl.make_loader(hl.MapDataset(ds), batch_size=BATCH, sampler="sequential")
+    candidates = {
+        "hl.MapDataset + hl.make_loader (random)": epoch(ours),
+        "hl.MapDataset + hl.make_loader (sequential)": epoch(ours_seq),
+        "(i) HF Dataset + __getitems__ + hand numpy pad (random)": epoch(plain(ds, hand_pad)),
+        "(i) HF Dataset + __getitems__ + hand numpy pad (sequential)": epoch(
+            plain(ds, hand_pad, SequentialSampler(ds))
+        ),
+        '(ii) with_format("torch") + pad_sequence (random)': epoch(plain(ds.with_format("torch"), torch_pad)),
+        "(iii) Trainer-style: HF Dataset + DataCollatorWithPadding (random)": epoch(
+            plain(ds, DataCollatorWithPadding(fast_tokenizer()))
+        ),
+    }
+    # The same batch through hf_loop and the hand pad: identical tensors.
+    first = hl.PadCollator()(hl.MapDataset(ds).__getitems__(list(range(BATCH))))
+    reference = hand_pad(ds.__getitems__(list(range(BATCH))))
+    assert all(torch.equal(first[k], reference[k]) for k in reference)
+
+    best = compare(candidates, args.repeat)
+    names = list(candidates)
+    hand, trainer = best[names[2]], best[names[5]]
+    report = [
+        f"# Map-style loader benchmark ({datetime.date.today()})",
+        "",
+        f"Machine: {machine()}. {args.rows} rows, batch {BATCH}, num_workers=0, best of {args.repeat}",
+        "interleaved epochs; lognormal lengths (median 100, sigma 0.8, clipped 8..512), record batches of 1000 rows.",
+        "Run: `python benchmarks/map_loader.py`. Ratios are against (i) the hand-pad path.",
+        "",
+        table([(name, best[name]) for name in names], hand),
+        "",
+        f"hf_loop (random) vs (i) HF Dataset + hand pad: {best[names[0]] / hand:.1f}x (target >= 2x); "
+        f"vs (iii) Trainer-style: {best[names[0]] / trainer:.1f}x (target >= 15x).",
+    ]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
