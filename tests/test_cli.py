@@ -151,3 +151,50 @@ def test_finetune_on_a_hub_folder_carves_validation(hub_folder, tmp_path, capsys
     text = run_finetune(tmp_path, capsys, "--dataset", str(hub_folder), "--val-fraction", "0.25")
     assert "60 rows" not in text and "45 train rows, 15 validation rows" in text
     assert "(2 classes: 0, 1)" in text
+
+
+def test_finetune_streaming(hub_folder, tmp_path, capsys):
+    text = run_finetune(tmp_path, capsys, "--dataset", str(hub_folder), "--streaming")
+    assert "data: " in text and " - stream, " in text and "held out by a hash of 'text'" in text
+    assert "shard plan, epoch 0: 1 rank(s)" in text and "sampler length" in text
+    assert re.search(r"step\s+4/4\s+loss", text)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "finetune",
+                "--dataset",
+                str(hub_folder),
+                "--streaming",
+                "--max-steps",
+                "2",
+                "--sampler",
+                "weighted",
+            ]
+        )
+    assert "--sampler weighted needs map-style data" in capsys.readouterr().err
+
+
+def test_finetune_string_labels_from_a_data_file(tmp_path, capsys):
+    from datasets import Dataset
+
+    file = tmp_path / "reviews.parquet"
+    names = ["neg", "pos", "neutral"]
+    Dataset.from_dict(
+        {
+            "review": [f"w{i % 7} w{i % 11} w{i % 3}" for i in range(80)],
+            "sentiment": [names[i % 5 % 3] for i in range(80)],
+        }
+    ).to_parquet(file)
+    args = [
+        "--dataset",
+        str(file),
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--sampler",
+        "weighted",
+    ]
+    text = run_finetune(tmp_path, capsys, *args)
+    assert "text 'review', label 'sentiment' (3 classes: neg, neutral, pos)" in text
+    assert "majority-class baseline" in text and "always 'neg'" in text

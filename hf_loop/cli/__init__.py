@@ -335,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "finetune" and args.streaming and args.max_steps is None:
         parser.error("finetune --streaming needs --max-steps N: a stream has no length to count epochs by")
+    if args.command == "finetune" and args.streaming and args.sampler == "weighted":
+        parser.error("finetune --sampler weighted needs map-style data to weight; drop --streaming")
     try:
         return _finetune(args) if args.command == "finetune" else _inspect(args)
     except DataError as error:  # a data problem the user can fix: the message says how, a traceback would not

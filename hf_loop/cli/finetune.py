@@ -176,6 +176,14 @@ def _label_set(train: Any, val: Any, column: str, streaming: bool) -> tuple[list
     return [str(v) for v in values], {v: i for i, v in enumerate(values.tolist())}
 
 
+def _label_ids(data: Data, ds: Any) -> np.ndarray:
+    """Class ids of a map-style split, in its order (string labels mapped through the label set)."""
+    values = _arrow_values(ds, data.label_column)
+    if data.label2id is not None:
+        return np.array([data.label2id[v] for v in values.tolist()], dtype=np.int64)
+    return values.astype(np.int64)
+
+
 def build_model(args: Namespace, data: Data, env: DistEnv) -> tuple[Any, Any]:
     """The tokenizer and the model: pretrained from ``--model``, else a tiny BERT with an in-process tokenizer."""
     num_labels = len(data.label_names)
@@ -214,8 +222,6 @@ def build_loaders(
     info: dict[str, Any] = {}
     common = {"collate_fn": collate, "env": env, "num_workers": args.num_workers, "seed": args.seed}
     if data.streaming:
-        if args.sampler == "weighted":
-            raise ValueError("--sampler weighted needs map-style data to weight; drop --streaming")
         bucket = "input_ids" if args.sampler in ("length", "tokens") else None
         stream = hl.StreamDataset(
             data.train,
@@ -226,10 +232,17 @@ def build_loaders(
             bucket=bucket,
         )
         info["plan"] = str(stream.plan(num_workers=args.num_workers, world_size=env.world_size))
-        budget = args.max_tokens or (
-            args.batch_size * args.max_length // 4 if args.sampler == "tokens" else None
-        )
-        train = hl.make_loader(stream, batch_size=args.batch_size, max_tokens=budget, **common)
+        if args.sampler == "tokens":
+            # A stream's lengths are unknown up front: size the budget from the held-out sample; truncation at
+            # --max-length bounds every example, so the budget never has to grow past it.
+            sample = transform(data.val[:])
+            lengths = np.array([len(ids) for ids in sample["input_ids"]])
+            info["max_tokens"] = args.max_tokens or max(
+                default_max_tokens(lengths, args.batch_size), args.max_length
+            )
+            train = hl.make_loader(stream, max_tokens=info["max_tokens"], **common)
+        else:
+            train = hl.make_loader(stream, batch_size=args.batch_size, **common)
     else:
         dataset = hl.MapDataset(data.train, transform=transform, columns=columns)
         options: dict[str, Any] = {}
@@ -239,9 +252,7 @@ def build_loaders(
             else None
         )
         if args.sampler == "weighted":
-            ids = _arrow_values(data.train, data.label_column)
-            ids = np.array([data.label2id[v] for v in ids.tolist()]) if data.label2id else ids
-            options["weights"] = hl.class_weights(ids)
+            options["weights"] = hl.class_weights(_label_ids(data, data.train))
         if args.sampler in ("length", "tokens"):
             options["lengths"] = lengths
         if args.sampler == "tokens":
@@ -282,17 +293,11 @@ def run(args: Namespace, env: DistEnv, say: Callable[[str], None]) -> dict[str, 
     data = load_data(args)
     tokenizer, model = build_model(args, data, env)
     train_loader, eval_loader, info = build_loaders(args, data, tokenizer, env)
-    val_labels = torch.as_tensor(
-        [data.label2id[v] for v in _arrow_values(data.val, data.label_column).tolist()]
-        if data.label2id
-        else _arrow_values(data.val, data.label_column)
-    )
+    val_labels = torch.tensor(_label_ids(data, data.val))
     if data.streaming:
         majority = int(torch.mode(val_labels).values)
     else:
-        train_ids = _arrow_values(data.train, data.label_column)
-        train_ids = [data.label2id[v] for v in train_ids.tolist()] if data.label2id else train_ids
-        majority = int(np.bincount(np.asarray(train_ids, dtype=np.int64)).argmax())
+        majority = int(np.bincount(_label_ids(data, data.train)).argmax())
     baseline = float((val_labels == majority).float().mean())
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 5e-5)
     steps = args.max_steps or args.epochs * -(-len(train_loader) // args.grad_accum)
