@@ -123,13 +123,18 @@ def test_shard_order_and_windows_follow_seed_and_epoch(shard_sets):
     assert [i for ids, _ in plain[(0, 0)] for i in ids] == list(range(sum(sizes_for(6))))  # file order
 
 
-def test_real_workers_merge_tails_into_full_batches(shard_sets):
-    stream = hl.StreamDataset(hf_stream(shard_sets[5]), shuffle_buffer=8, seed=1)
-    total = sum(sizes_for(5))
+@pytest.mark.parametrize(
+    ("shards", "world_size", "num_workers"), [(5, 2, 2), (3, 2, 2)]
+)  # whole files; row groups
+def test_real_workers_read_exactly_once_and_merge_tails(shard_sets, shards, world_size, num_workers):
+    stream = hl.StreamDataset(hf_stream(shard_sets[shards]), shuffle_buffer=8, seed=1)
+    total = sum(sizes_for(shards))
     seen = []
-    for rank in range(2):
-        bound = stream.bind(rank=rank, world_size=2, num_workers=2, batch_size=4)
-        loader = DataLoader(bound, batch_size=None, num_workers=2, collate_fn=bound.wrap_collate(ids_of))
+    for rank in range(world_size):
+        bound = stream.bind(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=4)
+        loader = DataLoader(
+            bound, batch_size=None, num_workers=num_workers, collate_fn=bound.wrap_collate(ids_of)
+        )
         batches = list(bound.tracker().iterate(iter(loader)))
         assert all(len(b) == 4 for b in batches[:-1]), batches  # only the rank's very last batch may be short
         seen += [i for b in batches for i in b]

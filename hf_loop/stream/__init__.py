@@ -38,7 +38,13 @@ class StreamDataset(IterableDataset):
     ranks x DataLoader workers: shards are dealt to the readers up front (split into parquet row groups when
     there are fewer shards than readers, or by example with ``split_examples=True``). Order is deterministic:
     the shard order and a permutation inside each window of ``shuffle_buffer`` examples come from
-    (seed, epoch, window), so a resume re-reads at most one window instead of replaying the epoch.
+    (seed, epoch, window), so a resume re-reads at most one window instead of replaying the epoch. (Parquet:
+    the seek starts at the row group holding the window, from the footers. Formats without footers — json,
+    csv, text — re-read the current shard up to the window.)
+
+    Weighted mixing of several streams (``datasets.interleave_datasets``) is refused: its random source choice
+    cannot be split exactly once over readers nor resumed. ``datasets.concatenate_datasets`` works: its shards
+    join the plan, and a shuffle window then mixes the sources in proportion to their sizes.
 
     Args:
         ds: the stream, e.g. ``datasets.load_dataset("parquet", data_files=..., streaming=True)["train"]``.
