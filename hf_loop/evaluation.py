@@ -15,12 +15,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_loop.dist import DistEnv, all_gather_object, default_device
-from hf_loop.steps import IGNORE_INDEX, ModelInputs, autocast, loss_of, staged, unwrap
+from hf_loop.data import INDEX_KEY
+from hf_loop.dist import DistEnv, all_gather_object, batch_size_of, default_device
+from hf_loop.steps import (
+    IGNORE_INDEX,
+    ModelInputs,
+    autocast,
+    call_loss_fn,
+    count_targets,
+    loss_of,
+    staged,
+    unwrap,
+)
 
 logger = logging.getLogger("hf_loop")
 
-INDEX_KEY = "_index"
 Reduce = str | Callable[[Any, Mapping[str, Any]], Any] | None
 
 
@@ -85,8 +94,13 @@ def _example_losses(outputs: Any, batch: Mapping[str, Any], kind: str, problem: 
     return None
 
 
-def _run(model, loader, env, *, loss_fn, reduce, keep_predictions, keep_labels, precision) -> dict[str, Any]:
-    """One pass over ``loader`` on this rank; returns rows keyed by global index, losses, and what to gather."""
+def _run(
+    model, loader, env, *, loss_fn, reduce, keep_predictions, keep_labels, keep_loss, precision
+) -> dict[str, Any]:
+    """One pass over ``loader`` on this rank: global indices, per-row outputs and labels, and loss sums.
+
+    Rows stay on the CPU in the order this rank saw them; :func:`_gathered` merges the ranks.
+    """
     raw = unwrap(model)
     inputs = ModelInputs(raw)
     problem = getattr(getattr(raw, "config", None), "problem_type", None)
@@ -109,7 +123,7 @@ def _run(model, loader, env, *, loss_fn, reduce, keep_predictions, keep_labels, 
             for batch in staged(loader, env.device):
                 with autocast(env.device, precision):
                     outputs = raw(**inputs.select(batch, training=False))
-                size = len(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))))
+                size = batch_size_of(batch)
                 index = batch.get(INDEX_KEY)
                 out["has_index"] &= isinstance(index, torch.Tensor)
                 index = (
@@ -130,18 +144,18 @@ def _run(model, loader, env, *, loss_fn, reduce, keep_predictions, keep_labels, 
                         out["pred"].extend(_rows(value, mask))
                 if keep_labels and isinstance(batch.get("labels"), torch.Tensor):
                     out["labels"].extend(_rows(batch["labels"], mask if batch["labels"].dim() >= 2 else None))
-                _add_loss(out, outputs, batch, inputs.kind, problem, loss_fn)
+                if keep_loss:
+                    _add_loss(out, outputs, batch, inputs.kind, problem, loss_fn, size)
     finally:
         raw.train(was_training)
     return out
 
 
-def _add_loss(out, outputs, batch, kind, problem, loss_fn) -> None:
-    from hf_loop.steps import call_loss_fn, count_targets
-
+def _add_loss(out, outputs, batch, kind, problem, loss_fn, size: int) -> None:
+    """Add a batch's loss: per example when the head is a standard one (exact de-duplication), else per batch."""
     if loss_fn is not None:
         loss, count = call_loss_fn(loss_fn, outputs, batch)
-        n = count if count is not None else count_targets(batch.get("labels"), kind, len(out["index"]))
+        n = count if count is not None else count_targets(batch.get("labels"), kind, size)
         out["batch_loss"] += float(loss) * (1.0 if count is not None else float(n))
         out["batch_count"] += float(n)
         out["exact"] = False
@@ -150,7 +164,7 @@ def _add_loss(out, outputs, batch, kind, problem, loss_fn) -> None:
     if loss is None:
         return
     per_example = _example_losses(outputs, batch, kind, problem) if out["exact"] else None
-    n = count_targets(batch.get("labels"), kind, 0)
+    n = count_targets(batch.get("labels"), kind, size)
     if per_example is not None:
         sums, counts = per_example
         # Trust the per-example split only while it reproduces the model's own loss (custom losses differ).
@@ -227,6 +241,7 @@ def evaluate(
         reduce=reduce,
         keep_predictions=bool(metrics),
         keep_labels=bool(metrics),
+        keep_loss=True,
         precision=precision,
     )
     indices, first = _gathered(local, env, "evaluate")
@@ -280,6 +295,7 @@ def predict(
         reduce=reduce,
         keep_predictions=True,
         keep_labels=False,
+        keep_loss=False,
         precision=precision,
     )
     _, first = _gathered(local, env, "predict")

@@ -375,6 +375,12 @@ def train(
                     elif config.patience is not None and progress["bad_evals"] >= config.patience:
                         stop_reason = "early_stopping"
                 if epoch_done:
+                    if run.taken == 0 and progress["consumed"] == 0:  # a whole pass without one batch
+                        raise ValueError(
+                            f"the training loader yielded no batches in epoch {progress['epoch']} on rank "
+                            f"{env.rank}; check the dataset is not empty (and, for streams, has a shard for "
+                            "every rank)"
+                        )
                     progress["epoch"] += 1
                     progress["consumed"] = 0
 

@@ -56,6 +56,19 @@ def _eval_and_predict(env: hl.DistEnv) -> tuple[dict, torch.Tensor]:
     return hl.evaluate(model, loader, metrics=accuracy, env=env), hl.predict(model, loader, env=env)
 
 
+def _train_stream(env: hl.DistEnv) -> tuple[int, int]:
+    """A stream of 3 uneven shards (13 rows) on 2 ranks: the ranks must agree on every step and stop together."""
+    from _train_script import token_rows
+    from datasets import Dataset
+
+    rows = Dataset.from_dict(token_rows(13)).to_iterable_dataset(num_shards=3)
+    loader = hl.make_loader(hl.StreamDataset(rows), batch_size=2, env=env)
+    model = tiny_bert()
+    config = hl.TrainConfig(max_steps=7, progress=False)
+    result = hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), config, env=env)
+    return result.steps, result.epochs
+
+
 def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
     torch.set_num_threads(1)
     evaluation, predictions = _eval_and_predict(env)
@@ -67,6 +80,7 @@ def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
         "seen_21": _elastic_run(dir_21, batch_size=4, max_steps=2, env=env),  # 2 steps of 8, then 1 process
         "seen_12": _elastic_run(dir_12, batch_size=4, max_steps=3, env=env),  # resumes 1 process' step 1
         "eval": (evaluation, predictions.numpy()),
+        "stream": _train_stream(env),
     }
 
 
@@ -113,3 +127,8 @@ def test_distributed_evaluate_and_predict_drop_padding_duplicates(runs):
         assert evaluation["accuracy"] == single_eval["accuracy"]
         assert predictions.shape == (10, 2)
         torch.testing.assert_close(torch.from_numpy(predictions), single_pred)
+
+
+def test_a_stream_on_two_ranks_runs_equal_steps_and_stops_together(runs):
+    rank0, rank1 = runs["ranks"][0]["stream"], runs["ranks"][1]["stream"]
+    assert rank0 == rank1 and rank0[0] == 7 and rank0[1] >= 1  # several passes, no hang, same epoch count

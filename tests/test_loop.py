@@ -209,6 +209,13 @@ def test_stream_without_max_steps_is_refused():
     assert result.steps == 6 and result.epochs == 1  # 4 batches per pass: the stream is read again
 
 
+def test_an_empty_loader_is_an_error_not_an_endless_loop():
+    model = tiny_bert()
+    empty = torch.utils.data.DataLoader([], batch_size=2)
+    with pytest.raises(ValueError, match="yielded no batches in epoch 0 on rank 0"):
+        hl.train(model, empty, torch.optim.SGD(model.parameters(), lr=0.1), cfg(max_steps=3))
+
+
 def test_bf16_autocast_on_cpu():
     model = tiny_bert()
     dtypes = []
