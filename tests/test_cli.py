@@ -103,9 +103,13 @@ def test_inspect_streaming_shows_the_shard_plan(hub_folder, tmp_path, capsys):
         (1, [1]),
     ]
     assert report["lengths"]["count"] == 60 and "streamed" in report["notes"][-1]
-    # 2 shards cannot feed 2 ranks x 2 workers: the plan's error reaches the user with its fix
-    assert main([*args, "--num-workers", "2", "--out", str(tmp_path)]) == 2
-    assert "4 readers need one each" in capsys.readouterr().err
+    # 2 shards cannot feed 2 ranks x 2 workers: the report says why and how to fix it, and keeps its numbers
+    assert main([*args, "--num-workers", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"] is None and report["lengths"]["count"] == 60
+    assert (
+        "no shard plan for world size 2 x 2 worker(s)" in report["notes"][0] and "Fix:" in report["notes"][0]
+    )
 
 
 def test_inspect_data_error_exits_2_with_the_fix(hub_folder, capsys):

@@ -132,10 +132,14 @@ def inspect(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     plan = None
     if not hasattr(ds, "__getitems__"):  # a stream: measure a prefix, show how readers would split it
+        import datasets
+
         from hf_loop.stream import StreamDataset
 
-        plan = StreamDataset(ds).plan(num_workers=num_workers, world_size=world_size)
-        import datasets
+        try:
+            plan = StreamDataset(ds).plan(num_workers=num_workers, world_size=world_size)
+        except DataError as error:  # the layout cannot work: say why in the report, keep the other numbers
+            notes.append(f"no shard plan for world size {world_size} x {num_workers} worker(s): {error}")
 
         rows = list(ds.take(sample))
         if not rows:
