@@ -123,9 +123,8 @@ def test_shard_order_and_windows_follow_seed_and_epoch(shard_sets):
     assert [i for ids, _ in plain[(0, 0)] for i in ids] == list(range(sum(sizes_for(6))))  # file order
 
 
-@pytest.mark.parametrize(
-    ("shards", "world_size", "num_workers"), [(5, 2, 2), (3, 2, 2)]
-)  # whole files; row groups
+# 5 files for 4 readers: whole files; 3 files for 4 readers: row groups
+@pytest.mark.parametrize(("shards", "world_size", "num_workers"), [(5, 2, 2), (3, 2, 2)])
 def test_real_workers_read_exactly_once_and_merge_tails(shard_sets, shards, world_size, num_workers):
     stream = hl.StreamDataset(hf_stream(shard_sets[shards]), shuffle_buffer=8, seed=1)
     total = sum(sizes_for(shards))
@@ -242,13 +241,18 @@ def test_concatenated_streams_stay_exact(shard_sets):
 
 
 def test_too_few_shards_is_an_error_naming_the_numbers_and_the_fix(shard_sets):
-    stream = hl.StreamDataset(hf_stream(shard_sets[1]))  # 1 file of 3 rows: one row group
+    one = hl.StreamDataset(hf_stream(shard_sets[1]))  # 1 file of 3 rows: one row group
     with pytest.raises(
         hl.DataError,
-        match=r"1 shard\(s\) \(1 after.*world_size=2 x num_workers=2 = 4 readers"
-        r".*num_workers <= 0.*split_examples=True",
+        match=r"1 shard\(s\) \(1 after.*world_size=2 x num_workers=2 = 4 readers.*no worker count helps with "
+        r"fewer shards than the 2 ranks.*split_examples=True",
     ):
-        stream.bind(world_size=2, num_workers=2, batch_size=2)
+        one.bind(world_size=2, num_workers=2, batch_size=2)
+    with pytest.raises(hl.DataError, match=r"= 2 readers.*Fix: use num_workers=0 \(one reader per rank\)"):
+        one.bind(num_workers=2, batch_size=2)
+    three = hl.StreamDataset(hf_stream(shard_sets[3]))  # 3 files, 7 row groups
+    with pytest.raises(hl.DataError, match=r"3 shard\(s\) \(7 after.*= 8 readers.*use num_workers=3 \("):
+        three.bind(world_size=2, num_workers=4, batch_size=2)
 
 
 def test_split_examples_warns_and_idle_readers_warn(shard_sets):

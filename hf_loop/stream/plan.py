@@ -125,12 +125,18 @@ def layout_for(ds: Any, world_size: int, num_workers: int, *, split_examples: bo
     counts = shard_counts(source)
     if source.num_shards < readers:
         if not split_examples:
+            per_rank = source.num_shards // world_size
+            if per_rank > 1:
+                fewer = f"use num_workers={per_rank} (shards / world_size), "
+            elif per_rank == 1:
+                fewer = "use num_workers=0 (one reader per rank), "
+            else:
+                fewer = f"no worker count helps with fewer shards than the {world_size} ranks; "
             raise DataError(
                 f"the stream has {ds.num_shards} shard(s) ({source.num_shards} after splitting into row groups) "
                 f"but world_size={world_size} x num_workers={num_workers} = {readers} readers need one each; "
-                f"some would get no data. Fix: use num_workers <= {source.num_shards // world_size} (at most "
-                "shards / world_size), write the data in more files (or smaller parquet row groups), or pass "
-                "split_examples=True to split by example instead (every reader then reads all "
+                f"some would get no data. Fix: {fewer}write the data in more files (or smaller parquet row "
+                "groups), or pass split_examples=True to split by example instead (every reader then reads all "
                 f"{source.num_shards} shard(s) and keeps 1 example in {readers})"
             )
         warnings.warn(
