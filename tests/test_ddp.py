@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_script import classification_dataset, tiny_bert, weights
+from _train_script import classification_dataset, tiny_bert, token_rows, weights
 from distributed import run_distributed
 
 import hf_loop as hl
@@ -58,7 +58,6 @@ def _eval_and_predict(env: hl.DistEnv) -> tuple[dict, torch.Tensor]:
 
 def _train_stream(env: hl.DistEnv) -> tuple[int, int]:
     """A stream of 3 uneven shards (13 rows) on 2 ranks: the ranks must agree on every step and stop together."""
-    from _train_script import token_rows
     from datasets import Dataset
 
     rows = Dataset.from_dict(token_rows(13)).to_iterable_dataset(num_shards=3)

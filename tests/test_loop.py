@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -388,3 +389,27 @@ def test_train_argument_errors(tmp_path):
     frozen = hl.TrainConfig()
     with pytest.raises(AttributeError):
         frozen.epochs = 2
+
+
+class TinyRegressor(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(1, 1)
+
+    def forward(self, input_ids, labels):
+        prediction = self.linear(input_ids.float().mean(1, keepdim=True)).squeeze(1)
+        return {"loss": ((prediction - labels.float()) ** 2).mean()}
+
+
+@pytest.mark.skipif(
+    not os.environ.get("HF_LOOP_SLOW_TESTS"),
+    reason="torch.compile takes ~30 s on 2 CPU cores; set HF_LOOP_SLOW_TESTS=1",
+)
+def test_compile_trains_and_checkpoints_the_plain_module(tmp_path):
+    model = TinyRegressor()
+    result = hl.train(model, loader(classification_dataset(16), batch_size=8), torch.optim.SGD(model.parameters(),
+                      lr=1e-3), cfg(max_steps=2, compile=True, out_dir=tmp_path))  # fmt: skip
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert set(state["model"]) == {"linear.weight", "linear.bias"}  # no "_orig_mod." prefix
+    assert not any(torch.equal(state["model"][k], TinyRegressor().state_dict()[k]) for k in state["model"])
