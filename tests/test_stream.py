@@ -328,3 +328,32 @@ def test_unpicklable_transform_is_named_when_sent_to_spawned_workers(shard_sets)
     stream = hl.StreamDataset(hf_stream(shard_sets[2]), transform=lambda b: b)
     with pytest.raises(TypeError, match="cannot be pickled.*module level"):
         pickle.dumps(stream)
+
+
+@pytest.mark.parametrize(
+    ("shards", "options", "bind"),
+    [
+        (4, {}, {"batch_size": 3}),
+        (4, {"shuffle_buffer": 7, "seed": 2}, {"batch_size": 3}),
+        (
+            6,
+            {"shuffle_buffer": 10, "bucket": "input_ids"},
+            {"batch_size": 4, "world_size": 2, "num_workers": 1},
+        ),
+        (2, {"shuffle_buffer": 9, "window": 5}, {"max_tokens": 30, "num_workers": 3}),
+        (1, {"split_examples": True, "shuffle_buffer": 4}, {"batch_size": 2, "num_workers": 2}),
+    ],
+)
+def test_every_recorded_position_restarts_a_reader_exactly(shard_sets, shards, options, bind):
+    """A reader restarted from the position recorded after any of its batches yields exactly its remaining
+    batches: window cuts, shard boundaries, row-group seeks, example splits and token budgets included."""
+    stream = hl.StreamDataset(hf_stream(shard_sets[shards]), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bound = stream.bind(**bind)
+    for local in range(bound.local_readers):
+        items = [(ids_of(rows), meta) for rows, meta in bound._batches(local, 1, (0, 0, 0, 0))]
+        for k, (_, meta) in enumerate(items):
+            if meta[2] != TAIL:
+                again = [ids_of(rows) for rows, _ in bound._batches(local, 1, tuple(meta[3:]))]
+                assert again == [ids for ids, _ in items[k + 1 :]], (local, k)
