@@ -7,7 +7,8 @@ Batch 32, random order, lognormal token lengths (median 100, sigma 0.8, clipped 
 - (i)   HF Dataset (its __getitems__) in a plain DataLoader + a good hand-written numpy pad   target: >= 2x this
 - (ii)  HF Dataset.with_format("torch") + pad_sequence
 - (iii) Trainer-style: HF Dataset in a DataLoader + DataCollatorWithPadding                    target: >= 15x this
-A sequential-order row for hf_loop and (i) is shown too.
+A sequential-order row for hf_loop and (i) is shown too, and hf_loop's dataset + collator in a plain DataLoader
+(what make_loader's bookkeeping — rng keys, padding statistics, resumable state — costs is the difference).
 
 Run: python benchmarks/map_loader.py [--rows 16000] [--repeat 3] [--out benchmarks/results/map_loader.md]
 """
@@ -83,6 +84,9 @@ def main() -> None:
     candidates = {
         "hl.MapDataset + hl.make_loader (random)": epoch(ours),
         "hl.MapDataset + hl.make_loader (sequential)": epoch(ours_seq),
+        "hl.MapDataset + plain DataLoader + hl.PadCollator (random)": epoch(
+            plain(hl.MapDataset(ds), hl.PadCollator())
+        ),
         "(i) HF Dataset + __getitems__ + hand numpy pad (random)": epoch(plain(ds, hand_pad)),
         "(i) HF Dataset + __getitems__ + hand numpy pad (sequential)": epoch(
             plain(ds, hand_pad, SequentialSampler(ds))
@@ -99,7 +103,7 @@ def main() -> None:
 
     best = compare(candidates, args.repeat)
     names = list(candidates)
-    hand, trainer = best[names[2]], best[names[5]]
+    hand, trainer = best[names[3]], best[names[6]]
     report = [
         f"# Map-style loader benchmark ({datetime.date.today()})",
         "",

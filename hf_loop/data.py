@@ -166,15 +166,21 @@ def _pickle_problem(transform: Callable | None) -> str | None:
 
 class _NumericColumn:
     """Zero-copy numpy views of one numeric (or list-of-numeric) column, chunk by chunk, for gathering rows with
-    per-row slices of the values: no pyarrow object per row and no concatenation of the whole chunk."""
+    per-row slices of the values: no pyarrow object per row and no concatenation of the whole chunk.
 
-    def __init__(self, chunks: list[pa.Array]) -> None:
+    ``twin`` names an earlier list column with the same offsets in every chunk (``attention_mask`` beside
+    ``input_ids``): its row bounds are reused, and chunks whose values are all ones (checked once, the first time
+    a chunk is read) need no per-row slicing at all."""
+
+    def __init__(self, chunks: list[pa.Array], twin: str | None = None) -> None:
         self.nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
         self.large = isinstance(chunks[0], pa.LargeListArray)
+        self.twin = twin
         # memoryviews index to Python ints far faster than numpy scalars
         self.offsets = [memoryview(c.offsets.to_numpy()) for c in chunks] if self.nested else []
         self.values = [(c.values if self.nested else c).to_numpy() for c in chunks]
         self.scalars = [] if self.nested else [memoryview(v) for v in self.values]
+        self.ones: dict[int, bool] = {}
 
     @staticmethod
     def usable(chunks: list[pa.Array]) -> bool:
@@ -185,16 +191,26 @@ class _NumericColumn:
             return False
         return not any(c.null_count or (nested and c.values.null_count) for c in chunks)
 
-    def gather(self, which: list[int], local: list[int]) -> pa.Array:
+    def _all_ones(self, chunk: int) -> bool:
+        if chunk not in self.ones:
+            self.ones[chunk] = bool((self.values[chunk] == 1).all())
+        return self.ones[chunk]
+
+    def gather(self, which: list[int], local: list[int], bounds: np.ndarray | None = None) -> pa.Array:
+        """The rows (chunk ``which[i]``, row ``local[i]``) as one array; ``bounds`` are the twin's offsets."""
         if not self.nested:
             return pa.array(
                 np.array([self.scalars[b][s] for b, s in zip(which, local)], self.values[0].dtype)
             )
-        offsets, values = self.offsets, self.values
-        parts = [values[b][offsets[b][s] : offsets[b][s + 1]] for b, s in zip(which, local)]
-        bounds = np.zeros(len(parts) + 1, dtype=np.int64 if self.large else np.int32)
-        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
-        flat = np.concatenate(parts) if parts else values[0][:0]
+        values = self.values
+        if bounds is not None and all(self._all_ones(b) for b in set(which)):
+            flat = np.ones(int(bounds[-1]), dtype=values[0].dtype)
+        else:
+            offsets = self.offsets
+            parts = [values[b][offsets[b][s] : offsets[b][s + 1]] for b, s in zip(which, local)]
+            bounds = np.zeros(len(parts) + 1, dtype=np.int64 if self.large else np.int32)
+            np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
+            flat = np.concatenate(parts) if parts else values[0][:0]
         make = pa.LargeListArray if self.large else pa.ListArray
         return make.from_arrays(pa.array(bounds), pa.array(flat))
 
@@ -291,11 +307,23 @@ class MapDataset(TorchDataset):
             decode = {
                 n for n in table.column_names if getattr(features, "_column_requires_decoding", {}).get(n)
             }
-            numeric = {}
+            numeric, lists = {}, {}
             for name in table.column_names if len(batches) > 1 else []:
                 chunks = [b.column(name) for b in batches]
                 if name not in decode and _NumericColumn.usable(chunks):
-                    numeric[name] = _NumericColumn(chunks)
+                    nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
+                    twin = next(
+                        (
+                            other
+                            for other, theirs in lists.items()
+                            if type(theirs[0]) is type(chunks[0])
+                            and all(a.offsets.equals(b.offsets) for a, b in zip(theirs, chunks))
+                        ),
+                        None,
+                    )
+                    numeric[name] = _NumericColumn(chunks, twin if nested else None)
+                    if nested:
+                        lists[name] = chunks
             self._cache = {
                 "numeric": numeric,
                 "table": table,
@@ -321,8 +349,11 @@ class MapDataset(TorchDataset):
             # asked for: numeric columns from numpy views, the others as one-row slices of their record batches.
             which = np.searchsorted(offsets, rows, side="right") - 1
             w, local = which.tolist(), (rows - offsets[which]).tolist()
+            out: dict[str, pa.Array] = {}
+            for name, column in cache["numeric"].items():
+                bounds = out[column.twin].offsets.to_numpy() if column.twin else None
+                out[name] = column.gather(w, local, bounds)
             numeric = cache["numeric"]
-            out = {name: numeric[name].gather(w, local) for name in numeric}
             others = [name for name in table.column_names if name not in numeric]
             if others:
                 parts = [batches[b].select(others).slice(s, 1) for b, s in zip(w, local)]

@@ -66,6 +66,43 @@ def test_getitems_matches_the_hf_rows_in_every_view(view, tmp_path):
     assert mds.lengths().tolist() == [len(ids) for ids in ds["input_ids"]]
 
 
+def test_multi_chunk_gather_handles_every_column_type():
+    def part(s):
+        return Dataset.from_dict(
+            {
+                "ids": [[i, i + 1] for i in range(s, s + 3)],
+                "score": [0.5 * i for i in range(s, s + 3)],
+                "maybe": [None if i % 4 == 0 else i for i in range(s, s + 3)],  # nulls: the generic path
+                "text": [f"t{i}" for i in range(s, s + 3)],
+                "nested": [[[i], [i, i]] for i in range(s, s + 3)],
+                "floats": [[float(i)] * (i % 3) for i in range(s, s + 3)],
+            }
+        )
+
+    ds = concatenate_datasets([part(0), part(3), part(6)]).shuffle(seed=0)
+    mds = hl.MapDataset(ds)
+    assert set(mds._arrow()["numeric"]) == {"ids", "score", "floats"}
+    indices = [8, 0, 4, 4, 7, 1]
+    assert list(mds.__getitems__(indices)) == [{**ds[i], "_index": i} for i in indices]
+    assert list(mds.__getitems__([2, 3, 4])) == [{**ds[i], "_index": i} for i in (2, 3, 4)]  # contiguous run
+
+
+def test_twin_mask_columns_gather_exactly_with_and_without_zeros():
+    def part(s, zero):
+        ids = [[i] * (i % 4 + 1) for i in range(s, s + 4)]
+        mask = [[0 if zero and j == 0 else 1 for j in range(len(r))] for r in ids]
+        return Dataset.from_dict(
+            {"input_ids": ids, "attention_mask": mask, "other": [[7] * len(r) for r in ids]}
+        )
+
+    ds = concatenate_datasets([part(0, False), part(4, True), part(8, False)])
+    mds = hl.MapDataset(ds)
+    numeric = mds._arrow()["numeric"]
+    assert numeric["attention_mask"].twin == "input_ids" and numeric["other"].twin == "input_ids"
+    for indices in ([9, 1, 10], [9, 5, 1, 4], [11, 0, 6, 6]):
+        assert list(mds.__getitems__(indices)) == [{**ds[i], "_index": i} for i in indices]
+
+
 def test_one_arrow_read_and_one_transform_call_per_batch(text_dataset):
     calls = []
 
