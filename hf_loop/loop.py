@@ -108,6 +108,7 @@ class _Run:
     )
     model: torch.nn.Module | None = None  # raw, or wrapped by torch.compile / DDP
     inputs: ModelInputs | None = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
     window: Window | None = None
     last_eval_step: int = -1
     taken: int = 0  # batches taken from the loader's current iteration (its state counts from there)
@@ -134,9 +135,8 @@ class _Run:
         config = self.config
         factor = accumulate(micro, model=self.model, inputs=self.inputs, loss_fn=self.loss_fn, scaler=self.scaler,
                             config=config, env=self.env, window=self.window)  # fmt: skip
-        params = [p for p in self.raw.parameters() if p.requires_grad]
         norm, skipped = optimizer_step(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                                       params=params, config=config, factor=factor, want_norm=log_now)  # fmt: skip
+                                       params=self.params, config=config, factor=factor, want_norm=log_now)  # fmt: skip
         if skipped:
             bad = self.progress["bad_steps"] = self.progress.get("bad_steps", 0) + 1
             logger.warning(
@@ -294,7 +294,7 @@ def train(
     run = _Run(raw=raw, optimizer=optimizer, scheduler=_build_scheduler(config, optimizer, total_steps),
                scaler=scaler, loader=train_loader, config=config, env=env, eval_loader=eval_loader,
                loss_fn=loss_fn, metrics=metrics, on_log=on_log, inputs=ModelInputs(raw, config.model_inputs),
-               window=Window(env.device))  # fmt: skip
+               window=Window(env.device), params=[p for p in raw.parameters() if p.requires_grad])  # fmt: skip
     progress = run.progress
 
     # -- resume: the newest complete checkpoint, refused when it belongs to another model or dataset

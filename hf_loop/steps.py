@@ -228,19 +228,20 @@ class Window:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.targets = torch.zeros((), device=device, dtype=torch.float64)
-        self.tokens = torch.zeros((), device=device, dtype=torch.float64)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.loss = torch.zeros((), device=device, dtype=self.dtype)
+        self.targets = torch.zeros((), device=device, dtype=self.dtype)
+        self.tokens = torch.zeros((), device=device, dtype=self.dtype)
         self.samples = self.slots = 0
         self.started = time.perf_counter()
 
     def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        self.loss += loss_sum.detach().to(torch.float64)
-        self.targets += targets.to(torch.float64)
+        self.loss += loss_sum.detach().to(self.dtype)
+        self.targets += targets.to(self.dtype)
         self.samples += batch_size_of(batch)
         real, slots = tokens_in(batch)
         if real is not None:
-            self.tokens += real.to(self.tokens.device, torch.float64)
+            self.tokens += real.to(self.device, self.dtype)
             self.slots += slots
 
     def flush(self, env: DistEnv) -> dict[str, float]:
@@ -249,8 +250,8 @@ class Window:
                 self.loss,
                 self.targets,
                 self.tokens,
-                torch.tensor(float(self.samples), device=self.device, dtype=torch.float64),
-                torch.tensor(float(self.slots), device=self.device, dtype=torch.float64),
+                torch.tensor(float(self.samples), device=self.device, dtype=self.dtype),
+                torch.tensor(float(self.slots), device=self.device, dtype=self.dtype),
             ]
         )
         loss, targets, tokens, samples, slots = all_reduce(stats, env).tolist()  # the one sync per log
@@ -319,8 +320,8 @@ def accumulate(
                     loss, count = loss_of(outputs), None
                     if loss is None:
                         raise missing_loss_error(batch, model)
-            if count is not None:
-                loss_sum, scaled = loss, loss * env.world_size
+            if count is not None:  # divided by the global count after backward, once it is known
+                loss_sum, scaled = loss, loss
                 reported.append(count.to(device))
             elif inputs.takes_num_items and loss_fn is None:  # the model already divided its sum by `total`
                 loss_sum, scaled = loss * total, loss * env.world_size
@@ -331,6 +332,7 @@ def accumulate(
         window.add(loss_sum, count if count is not None else counts[i], batch)
     if not reported:
         return None
+    # DDP averaged the gradients of the loss sums over ranks; * W / global count makes them the global mean.
     return env.world_size / all_reduce(torch.stack(reported).sum(), env).clamp(min=1)
 
 
@@ -344,9 +346,8 @@ def optimizer_step(
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(factor)
-    check = (
-        config.max_bad_steps is not None and scaler is None
-    )  # fp16: the GradScaler already skips inf steps
+    # fp16: the GradScaler already skips steps with inf/nan gradients (and lowers its scale).
+    check = config.max_bad_steps is not None and scaler is None
     norm = None
     if want_norm or check or config.max_grad_norm is not None:
         # Under DDP the gradients are already all-reduced, so this norm is identical on every rank and all

@@ -41,11 +41,18 @@ def _elastic_run(out_dir, *, batch_size: int, max_steps: int, env: hl.DistEnv) -
     return model.seen
 
 
-def _train_bert(env: hl.DistEnv, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+def summed_loss(outputs, batch):
+    """A loss_fn reporting (sum, count): the loop divides by the global count once all ranks have reported."""
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="sum"), len(
+        outputs.logits
+    )
+
+
+def _train_bert(env: hl.DistEnv, batch_size: int, grad_accum: int, loss_fn=None) -> dict[str, torch.Tensor]:
     model = tiny_bert()
     loader = hl.make_loader(classification_dataset(32), batch_size=batch_size, sampler="sequential", env=env)
     config = hl.TrainConfig(max_steps=3, grad_accum=grad_accum, progress=False)
-    hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), config, env=env)
+    hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), config, env=env, loss_fn=loss_fn)
     return weights(model)
 
 
@@ -76,6 +83,7 @@ def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
     return {
         # per-rank batch 2 x grad_accum 2 x 2 ranks = the single process's batch of 8 (no_sync on micro-step 1)
         "ddp": {k: v.numpy() for k, v in _train_bert(env, batch_size=2, grad_accum=2).items()},
+        "ddp_loss_fn": {k: v.numpy() for k, v in _train_bert(env, 2, 2, loss_fn=summed_loss).items()},
         "seen_21": _elastic_run(dir_21, batch_size=4, max_steps=2, env=env),  # 2 steps of 8, then 1 process
         "seen_12": _elastic_run(dir_12, batch_size=4, max_steps=3, env=env),  # resumes 1 process' step 1
         "eval": (evaluation, predictions.numpy()),
@@ -99,6 +107,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(runs):
     assert all((rank0[k] == rank1[k]).all() for k in rank0)
     assert max(abs(rank0[k] - one[k].numpy()).max() for k in one) <= 1e-5
     assert max((one[k] - weights(tiny_bert())[k]).abs().max().item() for k in one) > 1e-3  # it trained
+    with_loss_fn = runs["ranks"][0]["ddp_loss_fn"]
+    assert max(abs(with_loss_fn[k] - one[k].numpy()).max() for k in one) <= 1e-5
 
 
 def test_elastic_resume_from_two_processes_on_one(runs):
