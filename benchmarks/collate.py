@@ -128,6 +128,12 @@ def main() -> None:
         ),
         "",
         f"Ratios: (a) {a_ours / a_anchor:.1f}x (target 10x), (b) {b_ours / b_anchor:.1f}x (target 30x).",
+        "",
+        "Notes: every side produces identical int64 tensors (checked before timing). The anchor spends most of its",
+        "time in `torch.tensor` on nested Python lists. The hand pad builds the mask from lengths and ignores the",
+        "rows' own `attention_mask` and checks nothing; PadCollator reads the rows' mask (an all-ones mask is",
+        "recognised without converting it), type-checks every value, and on Arrow input pads straight from the",
+        "list offsets with one masked assignment per field.",
     ]
     text = "\n".join(report)
     print(text)
