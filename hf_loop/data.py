@@ -308,7 +308,7 @@ class MapDataset(TorchDataset):
                 n for n in table.column_names if getattr(features, "_column_requires_decoding", {}).get(n)
             }
             numeric, lists = {}, {}
-            for name in table.column_names if len(batches) > 1 else []:
+            for name in table.column_names:
                 chunks = [b.column(name) for b in batches]
                 if name not in decode and _NumericColumn.usable(chunks):
                     nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
@@ -338,33 +338,32 @@ class MapDataset(TorchDataset):
     def _read(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """One read of the given table rows: a dict of single-chunk Arrow arrays, in the given order."""
         cache = self._arrow()
-        batches, offsets, table = cache["batches"], cache["offsets"], cache["table"]
-        first, n = (int(rows[0]), len(rows)) if len(rows) else (0, 0)
-        if n == 0 or len(batches) == 1:
-            part = table.slice(0, 0) if n == 0 else pa.Table.from_batches([batches[0].take(pa.array(rows))])
-        elif int(rows[-1]) - first == n - 1 and np.array_equal(rows, np.arange(first, first + n)):
-            part = table.slice(first, n)  # a contiguous run (sequential order): one slice
-        else:
-            # Table.take would concatenate every chunk of a memory-mapped table first; gather only the rows
-            # asked for: numeric columns from numpy views, the others as one-row slices of their record batches.
-            which = np.searchsorted(offsets, rows, side="right") - 1
-            w, local = which.tolist(), (rows - offsets[which]).tolist()
-            out: dict[str, pa.Array] = {}
-            for name, column in cache["numeric"].items():
-                bounds = out[column.twin].offsets.to_numpy() if column.twin else None
-                out[name] = column.gather(w, local, bounds)
-            numeric = cache["numeric"]
-            others = [name for name in table.column_names if name not in numeric]
-            if others:
+        n, first = len(rows), int(rows[0]) if len(rows) else 0
+        if n == 0 or (int(rows[-1]) - first == n - 1 and np.array_equal(rows, np.arange(first, first + n))):
+            part = cache["table"].slice(first, n).combine_chunks()  # a contiguous run (sequential order)
+            return {
+                k: c.chunk(0) if c.num_chunks else pa.array([], c.type)
+                for k, c in zip(part.column_names, part.columns)
+            }
+        # Table.take would concatenate every chunk of a memory-mapped table first. Gather only the rows asked for:
+        # numeric columns from numpy views of each record batch, the others by take (one chunk) or as one-row
+        # slices of their record batches.
+        batches, offsets, numeric = cache["batches"], cache["offsets"], cache["numeric"]
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        w, local = which.tolist(), (rows - offsets[which]).tolist()
+        out: dict[str, pa.Array] = {}
+        for name, column in numeric.items():
+            bounds = out[column.twin].offsets.to_numpy() if column.twin else None
+            out[name] = column.gather(w, local, bounds)
+        others = [name for name in cache["table"].column_names if name not in numeric]
+        if others:
+            if len(batches) == 1:
+                rest = pa.Table.from_batches([batches[0].select(others).take(pa.array(rows))])
+            else:
                 parts = [batches[b].select(others).slice(s, 1) for b, s in zip(w, local)]
                 rest = pa.Table.from_batches(parts).combine_chunks()
-                out.update({name: rest.column(name).chunk(0) for name in others})
-            return {name: out[name] for name in table.column_names}
-        part = part.combine_chunks()
-        return {
-            name: (c.chunk(0) if c.num_chunks else pa.array([], c.type))
-            for name, c in zip(part.column_names, part.columns)
-        }
+            out.update({name: rest.column(name).chunk(0) for name in others})
+        return {name: out[name] for name in cache["table"].column_names}
 
     def _decode(self, arrays: dict[str, pa.Array], as_python: bool) -> dict[str, Any]:
         """Python lists for a transform; otherwise the Arrow arrays, decoding only the features that need it
