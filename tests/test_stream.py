@@ -18,10 +18,10 @@ from hf_loop.stream.reader import TAIL
 ROW_GROUP = 4
 
 
-def write_shards(root: Path, sizes: list[int], row_group: int = ROW_GROUP) -> list[str]:
+def write_shards(root: Path, sizes: list[int], row_group: int = ROW_GROUP, first_id: int = 0) -> list[str]:
     """Parquet shards of consecutive ids; ``input_ids`` lengths vary (1..24) so bucketing has work to do."""
     root.mkdir(parents=True, exist_ok=True)
-    files, start = [], 0
+    files, start = [], first_id
     for k, n in enumerate(sizes):
         ids = np.arange(start, start + n)
         lengths = (ids * 7919) % 24 + 1
@@ -58,9 +58,7 @@ def simulate(stream, world_size: int, num_workers: int, batch_size: int, epoch: 
     for rank in range(world_size):
         bound = stream.bind(rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size)
         for local in range(max(num_workers, 1)):
-            out[(rank, local)] = [
-                (ids_of(rows), meta[2]) for rows, meta in bound._batches(local, epoch, (0, 0, 0, 0))
-            ]
+            out[(rank, local)] = [(ids_of(rows), meta[2]) for rows, meta in bound._batches(local, epoch)]
     return out
 
 
@@ -163,7 +161,7 @@ def test_bucketing_cuts_padding_and_keeps_every_example(tmp_path):
 
     def run(**kw):
         bound = hl.StreamDataset(hf_stream(files), shuffle_buffer=64, seed=0, **kw).bind(batch_size=8)
-        return [lengths_of(rows) for rows, meta in bound._batches(0, 0, (0, 0, 0, 0))]
+        return [lengths_of(rows) for rows, meta in bound._batches(0, 0)]
 
     plain, bucketed = run(), run(bucket="input_ids")
     assert sorted(x for b in plain for x in b) == sorted(x for b in bucketed for x in b)
@@ -201,13 +199,13 @@ def test_transform_runs_once_per_window_with_set_transform_semantics(shard_sets)
         shuffle_buffer=8,
         seed=0,
     )
-    got = [rows for rows, meta in stream.bind(batch_size=4)._batches(0, 0, (0, 0, 0, 0))]
+    got = [rows for rows, meta in stream.bind(batch_size=4)._batches(0, 0)]
     assert calls == [8, 3]  # 11 examples, windows of 8: one transform call each
     assert list(got[0].columns) == ["id", "noise", "labels"]
-    again = [rows for rows, meta in stream.bind(batch_size=4)._batches(0, 0, (0, 0, 0, 0))]
+    again = [rows for rows, meta in stream.bind(batch_size=4)._batches(0, 0)]
     assert [r.columns["noise"] for r in got] == [r.columns["noise"] for r in again]  # seeded per window
     assert got[-1][0]["labels"] == got[-1].columns["labels"][0]
-    kinds = [meta[2] for _, meta in stream.bind(batch_size=4)._batches(0, 0, (0, 0, 0, 0))]
+    kinds = [meta[2] for _, meta in stream.bind(batch_size=4)._batches(0, 0)]
     assert kinds[-1] == TAIL  # 11 rows in batches of 4: the short last batch is handed over as a tail
 
 
@@ -227,7 +225,10 @@ def test_refuses_what_it_cannot_split_exactly(shard_sets):
     mixed = interleave_datasets(
         [hf_stream(shard_sets[2]), hf_stream(shard_sets[3])], probabilities=[0.3, 0.7], seed=0
     )
-    with pytest.raises(hl.DataError, match="mixing of streams.*not supported.*concatenate_datasets"):
+    with pytest.raises(
+        hl.DataError,
+        match=r"interleave_datasets.*not supported.*StreamDataset\(\[a, b\], weights=\[\.\.\.\]\)",
+    ):
         hl.StreamDataset(mixed)
 
 
@@ -297,7 +298,7 @@ def test_bad_transforms_and_columns_fail_with_what_was_returned(shard_sets):
     hf = hf_stream(shard_sets[2])
 
     def first(stream, **kw):
-        return next(stream.bind(batch_size=2, **kw)._batches(0, 0, (0, 0, 0, 0)))
+        return next(stream.bind(batch_size=2, **kw)._batches(0, 0))
 
     with pytest.raises(TypeError, match="returned list; it must return a dict of columns"):
         first(hl.StreamDataset(hf, transform=lambda b: [1]))
@@ -352,8 +353,86 @@ def test_every_recorded_position_restarts_a_reader_exactly(shard_sets, shards, o
         warnings.simplefilter("ignore")
         bound = stream.bind(**bind)
     for local in range(bound.local_readers):
-        items = [(ids_of(rows), meta) for rows, meta in bound._batches(local, 1, (0, 0, 0, 0))]
+        items = [(ids_of(rows), meta) for rows, meta in bound._batches(local, 1)]
         for k, (_, meta) in enumerate(items):
             if meta[2] != TAIL:
                 again = [ids_of(rows) for rows, _ in bound._batches(local, 1, tuple(meta[3:]))]
                 assert again == [ids for ids, _ in items[k + 1 :]], (local, k)
+
+
+# --- weighted mixing ---
+
+
+@pytest.fixture(scope="module")
+def mix_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    return write_shards(root / "a", [30, 25, 20]), write_shards(root / "b", [60, 45], first_id=1000)
+
+
+def test_mixed_streams_read_every_example_once_and_interleave_by_weight(mix_sets):
+    a, b = mix_sets
+    everything = list(range(75)) + list(range(1000, 1105))
+    for world_size, num_workers in ((1, 0), (2, 1), (1, 3), (2, 2)):
+        stream = hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[1, 3], shuffle_buffer=20, seed=0)
+        got = simulate(stream, world_size, num_workers, batch_size=4)
+        assert sorted(i for v in got.values() for ids, _ in v for i in ids) == everything
+    stream = hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[1, 3], shuffle_buffer=40, seed=0)
+    first = [i for ids, _ in simulate(stream, 1, 0, batch_size=4)[(0, 0)][:20] for i in ids]  # 2 windows
+    share_a = sum(i < 1000 for i in first) / len(first)
+    assert 0.1 < share_a < 0.4  # weight 1 of 4 while both sources last (a seeded draw, not a random test)
+    plan = stream.plan(num_workers=2)
+    assert "mix source 0 (weight 0.25)" in str(plan) and "mix source 1 (weight 0.75)" in str(plan)
+    assert sum(r.examples for r in plan.readers) == 180
+
+
+def test_mixed_streams_resume_exactly_with_workers(mix_sets):
+    a, b = mix_sets
+
+    def build():
+        stream = hl.StreamDataset(
+            [hf_stream(a), hf_stream(b)], weights=[0.4, 0.6], shuffle_buffer=16, seed=3, bucket="input_ids"
+        )
+        return hl.make_loader(stream, batch_size=4, num_workers=2, collate_fn=hl.PadCollator())
+
+    full = [batch["id"].tolist() for batch in build()]
+    for cut in (3, 17, len(full) - 1):
+        loader = build()
+        iterator = iter(loader)
+        for _ in range(cut):
+            next(iterator)
+        resumed = build()
+        resumed.load_state_dict(loader.state_dict())
+        assert [batch["id"].tolist() for batch in resumed] == full[cut:], cut
+    state = build().state_dict(consumed=0)
+    state["plan"]["weights"] = [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"weights: saved \[0.5, 0.5\], now \[0.4, 0.6\]"):
+        build().load_state_dict(state)
+
+
+def test_every_recorded_position_restarts_a_mixed_reader_exactly(mix_sets):
+    a, b = mix_sets
+    stream = hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[2, 1], shuffle_buffer=12, seed=1)
+    bound = stream.bind(batch_size=4, num_workers=2)
+    for local in range(2):
+        items = [(ids_of(rows), meta) for rows, meta in bound._batches(local, 0)]
+        for k, (_, meta) in enumerate(items):
+            if meta[2] != TAIL:
+                again = [ids_of(rows) for rows, _ in bound._batches(local, 0, tuple(meta[3:]))]
+                assert again == [ids for ids, _ in items[k + 1 :]], (local, k)
+
+
+def test_mixing_errors(mix_sets, shard_sets):
+    a, b = mix_sets
+    with pytest.raises(ValueError, match=r"weights must be 2 positive numbers.*got \[1, 0\].*never be read"):
+        hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[1, 0])
+    with pytest.raises(ValueError, match="weights must be 2 positive numbers"):
+        hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"pass them as a list: StreamDataset\(\[a, b\]"):
+        hl.StreamDataset(hf_stream(a), weights=[1.0])
+    with pytest.raises(ValueError, match=r"needs a stream, or a non-empty list"):
+        hl.StreamDataset([])
+    with pytest.raises(hl.DataError, match=r"need the same columns.*\['id'\]"):
+        hl.StreamDataset([hf_stream(a), hf_stream(b).select_columns(["id"])])
+    tiny = hl.StreamDataset([hf_stream(a), hf_stream(shard_sets[1])])  # the second: 1 row group
+    with pytest.raises(hl.DataError, match=r"mix source 1: the stream has 1 shard\(s\)"):
+        tiny.bind(batch_size=2, num_workers=2)

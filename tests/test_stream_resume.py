@@ -212,7 +212,7 @@ def test_tail_payloads_survive_pin_memory(files):
 
     bound = hl.StreamDataset(hf_stream(files)).bind(batch_size=5)
     collate = bound.wrap_collate(hl.PadCollator())
-    tail = next(item for item in bound._batches(0, 0, (0, 0, 0, 0)) if item[1][2] == TAIL)
+    tail = next(item for item in bound._batches(0, 0) if item[1][2] == TAIL)
     data, meta = pin_memory(collate(tail))  # no tensors in a tail: nothing needs a GPU here
     assert isinstance(data, dict) and data["id"].to_pylist() == tail[0].columns["id"].to_pylist()
     assert list(meta) == list(tail[1])

@@ -16,11 +16,12 @@ from torch.utils.data import IterableDataset
 
 from hf_loop.data import Transform, _column_len, _describe, _pickle_problem, _takes_rng
 from hf_loop.hub import DataError
-from hf_loop.stream.plan import StreamPlan, build_plan, check_no_idle, check_source, layout_for
+from hf_loop.stream.plan import MixPlan, StreamPlan, build_plan, check_no_idle, check_source, layout_for
 from hf_loop.stream.reader import BoundStream
+from hf_loop.stream.source import Source
 from hf_loop.stream.tracker import StreamTracker
 
-__all__ = ["BoundStream", "StreamDataset", "StreamPlan", "StreamTracker"]
+__all__ = ["BoundStream", "MixPlan", "StreamDataset", "StreamPlan", "StreamTracker"]
 
 logger = logging.getLogger("hf_loop")
 
@@ -42,9 +43,9 @@ class StreamDataset(IterableDataset):
     the seek starts at the row group holding the window, from the footers. Formats without footers — json,
     csv, text — re-read the current shard up to the window.)
 
-    Weighted mixing of several streams (``datasets.interleave_datasets``) is refused: its random source choice
-    cannot be split exactly once over readers nor resumed. ``datasets.concatenate_datasets`` works: its shards
-    join the plan, and a shuffle window then mixes the sources in proportion to their sizes.
+    Mixing: ``StreamDataset([a, b], weights=[0.3, 0.7])`` keeps every guarantee above (each source has its own
+    shard plan and resumable position). ``datasets.interleave_datasets`` is refused: its random source choice
+    cannot be split exactly once over readers nor resumed. ``datasets.concatenate_datasets`` works too.
 
     Args:
         ds: the stream, e.g. ``datasets.load_dataset("parquet", data_files=..., streaming=True)["train"]``.
@@ -62,6 +63,11 @@ class StreamDataset(IterableDataset):
             examples). Windows are rounded up to whole batches. A resume re-reads at most one window.
         split_examples: when there are fewer shards (and row groups) than readers, let every reader read all
             shards and keep 1 example in N (slower: each reader reads everything). Off: that is an error.
+        weights: mix several streams (``ds`` a list of them, same columns): each window takes from each source
+            a share drawn with these weights (from seed, epoch, reader, window); a source that runs dry hands its
+            share to the others, so every example of every source is still read exactly once per epoch — the
+            weights set how densely the sources interleave, not how often an example repeats. Equal weights
+            when ``ds`` is a list and ``weights`` is None.
 
     Example:
         >>> from datasets import load_dataset
@@ -83,8 +89,15 @@ class StreamDataset(IterableDataset):
         bucket: str | None = None,
         window: int | None = None,
         split_examples: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> None:
-        check_source(ds)
+        sources = list(ds) if isinstance(ds, (list, tuple)) else [ds]
+        if not sources:
+            raise ValueError("StreamDataset needs a stream, or a non-empty list of streams to mix; got []")
+        for source in sources:
+            check_source(source)
+        self.sources = sources
+        self.weights = _check_weights(weights, sources)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable (batch -> batch), got {type(transform).__name__}")
         if isinstance(columns, str):
@@ -100,7 +113,7 @@ class StreamDataset(IterableDataset):
                 )
         if bucket is not None and not isinstance(bucket, str):
             raise TypeError(f"bucket must be a column name such as 'input_ids', got {bucket!r}")
-        self.ds = ds
+        self.ds = sources[0]
         self.transform = transform
         self.columns = None if columns is None else list(columns)
         self.shuffle_buffer = shuffle_buffer
@@ -148,15 +161,29 @@ class StreamDataset(IterableDataset):
               rank 0 worker 0: 2 shard(s) [0, 4], 250 examples
               ...
         """
-        _, layout = layout_for(self.ds, world_size, num_workers, split_examples=self.split_examples)
-        return build_plan(
-            layout,
-            world_size=world_size,
-            num_workers=num_workers,
-            seed=self.seed,
-            epoch=epoch,
-            shuffle=self.shuffle_buffer > 0,
-        )
+        plans = [plan for _, plan in self._plans(world_size, num_workers, epoch)]
+        return plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
+
+    def _plans(self, world_size: int, num_workers: int, epoch: int) -> list[tuple[Source, StreamPlan]]:
+        out = []
+        for k, ds in enumerate(self.sources):
+            try:
+                source, layout = layout_for(ds, world_size, num_workers, split_examples=self.split_examples)
+            except DataError as err:
+                if len(self.sources) == 1:
+                    raise
+                raise DataError(f"mix source {k}: {err}") from None
+            plan = build_plan(
+                layout,
+                world_size=world_size,
+                num_workers=num_workers,
+                seed=self.seed,
+                epoch=epoch,
+                shuffle=self.shuffle_buffer > 0,
+                source=k,
+            )
+            out.append((Source(source, layout, k, self.read_columns), plan))
+        return out
 
     def bind(
         self,
@@ -190,22 +217,15 @@ class StreamDataset(IterableDataset):
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        source, layout = layout_for(self.ds, world_size, num_workers, split_examples=self.split_examples)
-        plan = build_plan(
-            layout,
-            world_size=world_size,
-            num_workers=num_workers,
-            seed=self.seed,
-            epoch=0,
-            shuffle=self.shuffle_buffer > 0,
-        )
+        parts = self._plans(world_size, num_workers, epoch=0)
+        plans = [plan for _, plan in parts]
+        plan = plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
         check_no_idle(plan)
         if rank == 0:
             logger.info("%s", plan)
         return BoundStream(
             self,
-            source,
-            layout,
+            [source for source, _ in parts],
             rank=rank,
             world_size=world_size,
             num_workers=num_workers,
@@ -261,3 +281,28 @@ class StreamDataset(IterableDataset):
                 f"available: {sorted(out)}"
             )
         return {c: out[c] for c in wanted}
+
+
+def _check_weights(weights: Sequence[float] | None, sources: list[Any]) -> np.ndarray | None:
+    """Mixing weights as an array (None for a single stream); every source needs a positive weight, or its
+    examples would never be read."""
+    if len(sources) > 1:
+        names = [sorted(ds.features) if ds.features is not None else None for ds in sources]
+        if any(n != names[0] for n in names):
+            raise DataError(
+                f"mixed streams need the same columns; got {names}. Align them with select_columns / "
+                "rename_column first"
+            )
+    if weights is None:
+        return None if len(sources) == 1 else np.full(len(sources), 1.0 / len(sources))
+    if len(sources) == 1:
+        raise ValueError(
+            "weights mix several streams; pass them as a list: StreamDataset([a, b], weights=[...])"
+        )
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (len(sources),) or not np.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(
+            f"weights must be {len(sources)} positive numbers, one per stream, got {list(weights)}; a source "
+            "with weight 0 would never be read (drop it from the list instead)"
+        )
+    return w / w.sum()

@@ -57,10 +57,9 @@ def check_source(ds: Any) -> None:
     mixed = [name for name in names if name in _MIXING]
     if mixed:
         raise DataError(
-            f"weighted or cycled mixing of streams (datasets.interleave_datasets, {mixed[0]}) is not "
-            "supported: its source choice is a random state that cannot be split exactly once over readers or "
-            "resumed exactly. Use datasets.concatenate_datasets over the sources (shuffle_buffer then mixes "
-            "them within each window), or mix map-style data with sampler='weighted'"
+            f"a stream mixed by datasets.interleave_datasets ({mixed[0]}) is not supported: its source choice "
+            "is a random state that cannot be split exactly once over readers or resumed exactly. Mix the "
+            "sources with StreamDataset([a, b], weights=[...]) instead, which keeps both guarantees"
         )
 
 
@@ -149,21 +148,22 @@ def layout_for(ds: Any, world_size: int, num_workers: int, *, split_examples: bo
     return source, Layout(readers=readers, shards=source.num_shards, mode=mode, counts=counts)
 
 
-def shard_order(layout: Layout, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The epoch's shard order: a permutation from (seed, epoch) when shuffling, else the file order."""
+def shard_order(layout: Layout, seed: int, epoch: int, shuffle: bool, source: int = 0) -> np.ndarray:
+    """The epoch's shard order: a permutation from (seed, epoch[, source]) when shuffling, else the file order."""
     if not shuffle:
         return np.arange(layout.shards)
-    return np.random.default_rng([seed, epoch]).permutation(layout.shards)
+    key = [seed, epoch] if source == 0 else [seed, epoch, source]
+    return np.random.default_rng(key).permutation(layout.shards)
 
 
-def assign(layout: Layout, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+def assign(layout: Layout, seed: int, epoch: int, shuffle: bool, source: int = 0) -> list[list[int]]:
     """Units each global reader reads this epoch, in reading order.
 
     Walks the epoch's shard order and gives each shard to the reader with the fewest examples so far (shard
     counts where known, else one per shard), so readers stay balanced without reading anything. In "examples"
     mode every reader reads every shard (and keeps its share of rows).
     """
-    order = shard_order(layout, seed, epoch, shuffle)
+    order = shard_order(layout, seed, epoch, shuffle, source)
     if layout.mode == "examples":
         return [order.tolist() for _ in range(layout.readers)]
     weights = layout.counts or [1] * layout.shards
@@ -228,11 +228,48 @@ class StreamPlan:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MixPlan:
+    """The shard plans of weighted mixed sources, one per source: ``print(stream.plan(num_workers=2))``."""
+
+    weights: list[float]
+    sources: list[StreamPlan]
+
+    @property
+    def readers(self) -> list[ReaderPlan]:
+        """Per (rank, worker): the shards of every source it reads, and its examples where known."""
+        out = []
+        for parts in zip(*(plan.readers for plan in self.sources)):
+            counts = [r.examples for r in parts]
+            examples = None if None in counts else sum(counts)
+            out.append(
+                ReaderPlan(parts[0].rank, parts[0].worker, [u for r in parts for u in r.shards], examples)
+            )
+        return out
+
+    @property
+    def mode(self) -> str:
+        return "examples" if any(p.mode == "examples" for p in self.sources) else "shards"
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"mix source {k} (weight {w:.3g}): {plan}"
+            for k, (w, plan) in enumerate(zip(self.weights, self.sources))
+        )
+
+
 def build_plan(
-    layout: Layout, *, world_size: int, num_workers: int, seed: int, epoch: int, shuffle: bool
+    layout: Layout,
+    *,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    source: int = 0,
 ) -> StreamPlan:
     per_rank = max(num_workers, 1)
-    units = assign(layout, seed, epoch, shuffle)
+    units = assign(layout, seed, epoch, shuffle, source)
     readers = [
         ReaderPlan(g // per_rank, g % per_rank, units[g], reader_examples(layout, units[g], g))
         for g in range(layout.readers)
@@ -240,7 +277,7 @@ def build_plan(
     return StreamPlan(world_size, num_workers, epoch, layout.mode, layout.shards, readers)
 
 
-def check_no_idle(plan: StreamPlan) -> None:
+def check_no_idle(plan: StreamPlan | MixPlan) -> None:
     """A reader with no data is an error (shards) or a warning (opted-in example split), never silent."""
     idle = [r for r in plan.readers if r.examples == 0 or not r.shards]
     if not idle:

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from hf_loop.data import Columns, _arrow_lengths, _column_len
 from hf_loop.hub import DataError
-from hf_loop.stream.plan import Layout, assign, shard_counts
+from hf_loop.stream.source import Cursor, Source
 
 # item kinds: a full batch, a reader's short last batch (merged in the main process), end of the reader
 BATCH, TAIL, END = 0, 1, 2
@@ -27,13 +27,15 @@ READ_ROWS = 8192  # most rows per Arrow table read from the source (one window w
 
 
 class BoundStream(IterableDataset):
-    """What ``StreamDataset.bind`` returns; see :class:`hf_loop.StreamDataset`."""
+    """What ``StreamDataset.bind`` returns; see :class:`hf_loop.StreamDataset`.
+
+    A reader's position is (window, then shard position and row offset per source, batches of the window
+    done): ``2 + 2 * len(sources)`` ints."""
 
     def __init__(
         self,
         stream: Any,
-        source: Any,
-        layout: Layout,
+        sources: list[Source],
         *,
         rank: int,
         world_size: int,
@@ -44,8 +46,7 @@ class BoundStream(IterableDataset):
         window: int,
     ) -> None:
         self.stream = stream
-        self.source = source
-        self.layout = layout
+        self.sources = sources
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
@@ -55,15 +56,24 @@ class BoundStream(IterableDataset):
         self.drop_last = drop_last
         self.window = window
         self.length_column = stream.bucket or ("input_ids" if max_tokens else None)
-        # [epoch, resuming, then (window, shard position, row offset, batches done) per local reader]. Shared
-        # memory, so persistent workers see set_epoch and load_state_dict without being restarted.
-        self.shared = torch.zeros(2 + 4 * self.local_readers, dtype=torch.int64).share_memory_()
+        self.position_size = 2 + 2 * len(sources)
+        # [epoch, resuming, then one position per local reader]. Shared memory, so persistent workers see
+        # set_epoch and load_state_dict without being restarted.
+        self.shared = torch.zeros(
+            2 + self.position_size * self.local_readers, dtype=torch.int64
+        ).share_memory_()
         self.collate_fn: Callable | None = None
 
     def identity(self) -> dict[str, Any]:
         """What a saved state must match to be resumed by this bound stream."""
+        layouts = [source.layout.identity() for source in self.sources]
+        if len(layouts) == 1:
+            plan = layouts[0]
+        else:
+            plan = {key: [lay[key] for lay in layouts] for key in layouts[0]}
+            plan["weights"] = [float(w) for w in self.stream.weights]
         return {
-            **self.layout.identity(),
+            **plan,
             "world_size": self.world_size,
             "rank": self.rank,
             "num_workers": self.num_workers,
@@ -97,18 +107,21 @@ class BoundStream(IterableDataset):
             )
         local = 0 if info is None else info.id
         epoch, resuming = int(self.shared[0]), bool(self.shared[1])
-        start = tuple(self.shared[2 + 4 * local : 6 + 4 * local].tolist()) if resuming else (0, 0, 0, 0)
+        size = self.position_size
+        start = tuple(self.shared[2 + size * local : 2 + size * (local + 1)].tolist()) if resuming else None
         yield from self._batches(local, epoch, start)
-        yield None, (local, epoch, END, 0, 0, 0, 0)
+        yield None, (local, epoch, END)
 
     def _batches(
-        self, local: int, epoch: int, start: tuple[int, ...]
+        self, local: int, epoch: int, start: tuple[int, ...] | None = None
     ) -> Iterator[tuple[Any, tuple[int, ...]]]:
+        """This reader's items from ``start`` (a recorded position; None: the epoch's beginning)."""
+        start = start or (0,) * self.position_size
+        assert len(start) == self.position_size, f"a position has {self.position_size} fields, got {start}"
         reader = self.rank * self.local_readers + local
         shuffle = self.stream.shuffle_buffer > 0
-        units = assign(self.layout, self.stream.seed, epoch, shuffle)[reader]
-        first_window, skip = start[0], start[3]
-        for w, table, (pos, off), (next_pos, next_off) in self._windows(reader, units, *start[:3]):
+        first_window, skip = start[0], start[-1]
+        for w, table, begin, following in self._windows(reader, epoch, start[0], start[1:-1]):
             rng = None
             if shuffle or self.stream._with_rng:
                 rng = np.random.default_rng([self.stream.seed, epoch, reader, w])
@@ -123,65 +136,51 @@ class BoundStream(IterableDataset):
                 size = idx.stop - idx.start
                 rows = Columns({k: _take(v, idx) for k, v in columns.items()}, size)
                 if self.batch_size and size < self.batch_size:
-                    yield rows, (local, epoch, TAIL, w, pos, off, b)
+                    yield rows, (local, epoch, TAIL)
                     continue
-                after = (w, pos, off, b + 1) if b + 1 < len(groups) else (w + 1, next_pos, next_off, 0)
+                after = (w, *begin, b + 1) if b + 1 < len(groups) else (w + 1, *following, 0)
                 yield rows, (local, epoch, BATCH, *after)
 
-    def _windows(self, reader: int, units: list[int], w: int, pos: int, off: int) -> Iterator[tuple]:
-        """(window index, its table, where it starts, where the next one starts) over this reader's stream.
+    def _windows(self, reader: int, epoch: int, w: int, starts: tuple[int, ...]) -> Iterator[tuple]:
+        """(window index, its rows, where it starts, where the next one starts) over this reader's stream.
 
-        A position is (index into ``units``, row offset in that unit): enough to restart reading there."""
-        pieces: list[tuple[int, np.ndarray, pa.Table]] = []  # (unit position, raw row offsets, rows)
-        rows, start, end = 0, (pos, off), (pos, off)
-        for p in range(pos, len(units)):
-            for raw_start, table in self._read_unit(units[p], off if p == pos else 0):
-                raw = np.arange(raw_start, raw_start + table.num_rows)
-                end = (p, raw_start + table.num_rows)
-                if self.layout.mode == "examples":  # row i of unit u belongs to reader (i + u) % readers
-                    keep = np.nonzero((raw + units[p]) % self.layout.readers == reader)[0]
-                    table, raw = table.take(pa.array(keep)), raw[keep]
-                if table.num_rows:
-                    pieces.append((p, raw, table))
-                    rows += table.num_rows
-                while rows >= self.window:
-                    window, pieces = _cut(pieces, self.window)
-                    rows -= self.window
-                    following = (pieces[0][0], int(pieces[0][1][0])) if pieces else end
-                    yield w, window, start, following
-                    start, w = following, w + 1
-        if rows:
-            yield w, pa.concat_tables([t for _, _, t in pieces]).combine_chunks(), start, (len(units), 0)
+        With several sources, each window takes from each source a share drawn from (seed, epoch, reader,
+        window) with the sources' weights; a source that runs dry hands its share to the others."""
+        read_rows = min(self.window, READ_ROWS)
+        shuffle = self.stream.shuffle_buffer > 0
+        cursors = [
+            Cursor(src, src.units(reader, self.stream.seed, epoch, shuffle), reader, pos, off, read_rows)
+            for src, pos, off in zip(self.sources, starts[0::2], starts[1::2])
+        ]
+        while True:
+            for cursor in cursors:
+                cursor.probe()
+            begin = tuple(v for cursor in cursors for v in cursor.position)
+            if len(cursors) == 1:
+                tables = cursors[0].take(self.window)
+            else:
+                tables = self._mixed(cursors, np.random.default_rng([self.stream.seed, epoch, reader, w, 1]))
+            rows = sum(t.num_rows for t in tables)
+            if not rows:
+                return
+            following = tuple(v for cursor in cursors for v in cursor.position)
+            yield w, pa.concat_tables(tables, promote_options="default").combine_chunks(), begin, following
+            if rows < self.window:
+                return
+            w += 1
 
-    def _read_unit(self, unit: int, offset: int) -> Iterator[tuple[int, pa.Table]]:
-        """Arrow tables of one shard from row ``offset`` on, each with the row index it starts at.
-
-        Seeking in a parquet shard starts at the row group holding ``offset`` (footers give the counts), so a
-        resume re-reads less than one row group before it; other formats re-read the shard up to ``offset``."""
-        counts = self.layout.counts
-        if counts is not None and offset >= counts[unit]:
-            return
-        shard = self.source.shard(num_shards=self.layout.shards, index=unit, contiguous=True)
-        parts = [(shard, 0)]
-        if offset > 0 and counts is not None:
-            groups = shard.reshard()
-            group_counts = shard_counts(groups)
-            if group_counts and groups.num_shards > 1:
-                bounds = np.cumsum([0, *group_counts])
-                first = int(np.searchsorted(bounds, offset, side="right")) - 1
-                parts = [
-                    (groups.shard(num_shards=groups.num_shards, index=i, contiguous=True), int(bounds[i]))
-                    for i in range(first, groups.num_shards)
-                ]
-        columns = self.stream.read_columns
-        for part, at in parts:
-            for table in part.with_format("arrow").iter(batch_size=min(self.window, READ_ROWS)):
-                n = table.num_rows
-                if at + n > offset:
-                    if columns is not None:
-                        table = table.select(columns)
-                    yield max(at, offset), table.slice(max(offset - at, 0))
-                at += n
+    def _mixed(self, cursors: list[Cursor], rng: np.random.Generator) -> list[pa.Table]:
+        weights = np.asarray(self.stream.weights, dtype=float)
+        want, tables = self.window, []
+        active = [i for i, c in enumerate(cursors) if not c.drained and weights[i] > 0]
+        while want and active:
+            counts = rng.multinomial(want, weights[active] / weights[active].sum())
+            for i, k in zip(active, counts.tolist()):
+                got = cursors[i].take(k) if k else []
+                tables += got
+                want -= sum(t.num_rows for t in got)
+            active = [i for i in active if not cursors[i].drained]
+        return tables
 
     def _group(
         self, n: int, columns: dict[str, Any], perm: np.ndarray | None, rng: np.random.Generator | None
@@ -229,22 +228,6 @@ class _CollateWithMeta:
         if meta[2] == END:
             return rows, meta
         return self.collate_fn(rows), meta
-
-
-def _cut(pieces: list[tuple[int, np.ndarray, pa.Table]], size: int) -> tuple[pa.Table, list]:
-    taken, rest, need = [], [], size
-    for i, (p, raw, table) in enumerate(pieces):
-        if need >= table.num_rows:
-            taken.append(table)
-            need -= table.num_rows
-            if need == 0:
-                rest = pieces[i + 1 :]
-                break
-        else:
-            taken.append(table.slice(0, need))
-            rest = [(p, raw[need:], table.slice(need))] + pieces[i + 1 :]
-            break
-    return pa.concat_tables(taken).combine_chunks(), rest
 
 
 def _take(values: Any, idx: np.ndarray | slice) -> Any:

@@ -35,7 +35,8 @@ class StreamTracker:
         self.bound = bound
         self.readers = bound.local_readers
         self.epoch = 0
-        self._start = [(0, 0, 0, 0)] * self.readers  # where each reader starts the pass
+        self._zero = (0,) * bound.position_size
+        self._start = [self._zero] * self.readers  # where each reader starts the pass
         self._cursor = 0  # the reader whose batch comes first
         self._tails = 0  # merged tail batches already consumed
         self._reset_pass()
@@ -47,8 +48,9 @@ class StreamTracker:
         shared = self.bound.shared
         shared[0] = self.epoch
         shared[1] = int(resuming)
+        size = self.bound.position_size
         for r, position in enumerate(self._start):
-            shared[2 + 4 * r : 6 + 4 * r] = shared.new_tensor(position)
+            shared[2 + size * r : 2 + size * (r + 1)] = shared.new_tensor(position)
 
     def _reset_pass(self) -> None:
         self._base = list(self._start)
@@ -61,7 +63,7 @@ class StreamTracker:
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (the workers see it, persistent ones included)."""
         self.epoch = int(epoch)
-        self._start = [(0, 0, 0, 0)] * self.readers
+        self._start = [self._zero] * self.readers
         self._cursor = self._tails = 0
         self._reset_pass()
         self._publish(resuming=False)
@@ -79,7 +81,7 @@ class StreamTracker:
                 "were yielded this pass"
             )
         if self._finished and consumed == self._base_count + len(self._records):
-            epoch, positions, cursor, tails = self.epoch + 1, [(0, 0, 0, 0)] * self.readers, 0, 0
+            epoch, positions, cursor, tails = self.epoch + 1, [self._zero] * self.readers, 0, 0
         else:
             epoch, positions, cursor, tails = (
                 self.epoch,

@@ -1,0 +1,132 @@
+"""Reading one streamed source: a shard from a row offset on (``Source``), and one reader's cursor over its
+shards (``Cursor``), which hands out rows in order and can always say where it stands."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hf_loop.stream.plan import Layout, assign, shard_counts
+
+
+class Source:
+    """A streamed dataset cut by its layout (whole shards, row groups or examples) for ``layout.readers``."""
+
+    def __init__(self, ds: Any, layout: Layout, index: int, columns: list[str] | None) -> None:
+        self.ds = ds
+        self.layout = layout
+        self.index = index  # position among mixed sources (0 for a single stream)
+        self.columns = columns  # pushed down when there is no transform
+
+    def units(self, reader: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+        return assign(self.layout, seed, epoch, shuffle, source=self.index)[reader]
+
+    def read_unit(self, unit: int, offset: int, read_rows: int) -> Iterator[tuple[int, pa.Table]]:
+        """Arrow tables of one shard from row ``offset`` on, each with the row index it starts at.
+
+        Seeking in a parquet shard starts at the row group holding ``offset`` (footers give the counts), so a
+        resume re-reads less than one row group before it; other formats re-read the shard up to ``offset``.
+        The shard is driven through ``.shard()`` and ``.iter()``, never through the dataset's ``__iter__``
+        (which would split it by DataLoader worker a second time)."""
+        counts = self.layout.counts
+        if counts is not None and offset >= counts[unit]:
+            return
+        shard = self.ds.shard(num_shards=self.layout.shards, index=unit, contiguous=True)
+        parts = [(shard, 0)]
+        if offset > 0 and counts is not None:
+            groups = shard.reshard()
+            group_counts = shard_counts(groups)
+            if group_counts and groups.num_shards > 1:
+                bounds = np.cumsum([0, *group_counts])
+                first = int(np.searchsorted(bounds, offset, side="right")) - 1
+                parts = [
+                    (groups.shard(num_shards=groups.num_shards, index=i, contiguous=True), int(bounds[i]))
+                    for i in range(first, groups.num_shards)
+                ]
+        for part, at in parts:
+            for table in part.with_format("arrow").iter(batch_size=read_rows):
+                n = table.num_rows
+                if at + n > offset:
+                    if self.columns is not None:
+                        table = table.select(self.columns)
+                    yield max(at, offset), table.slice(max(offset - at, 0))
+                at += n
+
+
+class Cursor:
+    """One reader's place in one source: its shards for the epoch, read in order from (shard position, row).
+
+    ``position`` is where the next row not yet taken starts, as (index into the reader's shards, row offset in
+    that shard) — enough to restart reading there after a resume."""
+
+    def __init__(
+        self, source: Source, units: list[int], reader: int, pos: int, off: int, read_rows: int
+    ) -> None:
+        self.source = source
+        self.units = units
+        self.reader = reader
+        self.read_rows = read_rows
+        self._pieces: deque[tuple[int, np.ndarray, pa.Table]] = deque()  # (shard position, raw rows, rows)
+        self._rows = 0
+        self._end = (pos, off)  # just after the last row read from the source
+        self._reads = self._read(pos, off)
+        self._exhausted = False
+
+    def _read(self, pos: int, off: int) -> Iterator[tuple[int, np.ndarray, pa.Table, tuple[int, int]]]:
+        layout = self.source.layout
+        for p in range(pos, len(self.units)):
+            unit = self.units[p]
+            for raw_start, table in self.source.read_unit(unit, off if p == pos else 0, self.read_rows):
+                raw = np.arange(raw_start, raw_start + table.num_rows)
+                end = (p, raw_start + table.num_rows)
+                if layout.mode == "examples":  # row i of shard u belongs to reader (i + u) % readers
+                    keep = np.nonzero((raw + unit) % layout.readers == self.reader)[0]
+                    table, raw = table.take(pa.array(keep)), raw[keep]
+                yield p, raw, table, end
+
+    def _pull(self, rows: int) -> None:
+        while self._rows < rows and not self._exhausted:
+            item = next(self._reads, None)
+            if item is None:
+                self._exhausted = True
+                self._end = (len(self.units), 0)
+                break
+            p, raw, table, self._end = item
+            if table.num_rows:
+                self._pieces.append((p, raw, table))
+                self._rows += table.num_rows
+
+    @property
+    def drained(self) -> bool:
+        """True once every row was taken (after :meth:`probe` or a short :meth:`take`)."""
+        return self._exhausted and not self._rows
+
+    @property
+    def position(self) -> tuple[int, int]:
+        if self._pieces:
+            p, raw, _ = self._pieces[0]
+            return p, int(raw[0])
+        return self._end
+
+    def probe(self) -> None:
+        """Read ahead until a row is buffered or the source is done, so ``drained`` depends on the data only
+        (not on how far an earlier window happened to read)."""
+        self._pull(1)
+
+    def take(self, n: int) -> list[pa.Table]:
+        """The next ``n`` rows (fewer only when the source is done), as a list of tables."""
+        self._pull(n)
+        out: list[pa.Table] = []
+        while n and self._pieces:
+            p, raw, table = self._pieces.popleft()
+            if table.num_rows > n:
+                self._pieces.appendleft((p, raw[n:], table.slice(n)))
+                table = table.slice(0, n)
+            out.append(table)
+            n -= table.num_rows
+            self._rows -= table.num_rows
+        return out
