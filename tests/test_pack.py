@@ -138,3 +138,15 @@ def test_packing_leaks_across_sequences_when_the_conditions_break(tiny_llama):
     # Positions that do not restart hide the sequence boundaries.
     no_restart = _packed_loss(tiny_llama, batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
     assert abs(no_restart[0] / no_restart[1] - padded_mean) > 1e-3
+
+
+def test_packs_arrow_batches_from_map_dataset():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict(
+        {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]]}
+    )
+    out = hl.PackCollator()(hl.MapDataset(ds).__getitems__([2, 0]))
+    assert out["input_ids"].tolist() == [[9, 10, 5, 6, 7]]
+    assert out["labels"].tolist() == [[-100, 10, -100, 6, 7]]
+    assert out["_index"].tolist() == [2, 0] and "attention_mask" not in out
