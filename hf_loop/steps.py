@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hf_loop.data import INDEX_KEY
 from hf_loop.dist import DistEnv, all_reduce, batch_size_of
 
 IGNORE_INDEX = -100
@@ -33,19 +34,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def forward_parameters(model: torch.nn.Module) -> tuple[frozenset[str], bool]:
-    """Names ``model.forward`` accepts, and whether it names them explicitly only (no open ``**kwargs``).
+def described(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``forward`` signature and class describe ``model``.
+
+    Looks through DDP and ``torch.compile`` wrappers, and through PEFT wrappers to their base model (a plain
+    ``PeftModel.forward`` is ``(*args, **kwargs)``, which names nothing).
+    """
+    model = unwrap(model)
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def forward_parameters(model: torch.nn.Module) -> frozenset[str] | None:
+    """Names ``model.forward`` accepts; None when it is fully open (only ``*args, **kwargs``).
 
     Hugging Face models type their ``**kwargs`` as ``Unpack[TransformersKwargs]``; the TypedDict's keys
     (``position_ids``, ``cu_seq_lens_q``, ``num_items_in_batch``...) count as named, so packed batches keep working.
     """
-    params = inspect.signature(unwrap(model).forward).parameters
+    params = inspect.signature(described(model).forward).parameters
     names = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     for p in params.values():
         if p.kind is p.VAR_KEYWORD:
             for arg in typing.get_args(p.annotation):  # Unpack[SomeTypedDict]
                 names.update(getattr(arg, "__annotations__", {}))
-    return frozenset(names), not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return frozenset(names) if names else None
 
 
 class ModelInputs:
@@ -53,16 +65,17 @@ class ModelInputs:
 
     Args:
         model: the (possibly wrapped) model.
-        names: explicit list of keys to pass (``TrainConfig.model_inputs``); default: what ``forward`` names.
+        names: explicit list of keys to pass (``TrainConfig.model_inputs``); default: what ``forward`` names, or,
+            for a fully open ``forward(*args, **kwargs)``, every tensor except the global index.
 
     Example:
         >>> inputs = ModelInputs(model)                       # doctest: +SKIP
-        >>> model(**inputs.select(batch))                     # "_index", "id" and strings stay outside
+        >>> model(**inputs.select(batch, training=True))      # "_index", "id" and strings stay outside
     """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str] | None = None) -> None:
-        raw = unwrap(model)
-        accepted, self.closed = forward_parameters(raw)
+        raw = described(model)
+        accepted = forward_parameters(raw)
         self.names = frozenset(names) if names is not None else accepted
         explicit = "num_items_in_batch" in inspect.signature(raw.forward).parameters
         self.kind = target_kind(raw)
@@ -71,13 +84,16 @@ class ModelInputs:
         # **kwargs and silently ignore it, which would make the loss a per-micro-batch mean again.
         self.takes_num_items = explicit or (
             self.kind == "causal"
-            and "num_items_in_batch" in accepted
+            and "num_items_in_batch" in (accepted or ())
             and getattr(raw, "accepts_loss_kwargs", True)
         )
-        self.use_cache_off = "use_cache" in accepted
+        self.use_cache_off = "use_cache" in (accepted or ())
 
     def select(self, batch: Mapping[str, Any], *, training: bool) -> dict[str, Any]:
-        kwargs = {k: v for k, v in batch.items() if k in self.names}
+        if self.names is None:
+            kwargs = {k: v for k, v in batch.items() if k != INDEX_KEY and isinstance(v, torch.Tensor)}
+        else:
+            kwargs = {k: v for k, v in batch.items() if k in self.names}
         if training and self.use_cache_off:
             kwargs["use_cache"] = False  # no KV cache while training: saves memory, and packing needs it off
         return kwargs

@@ -326,6 +326,11 @@ def test_count_parameters_of_a_peft_model():
     table = hl.count_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert table.trainable == trainable and 0 < trainable < table.total
+    before = weights(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    result = hl.train(model, loader(lm_dataset(8), batch_size=4), opt, cfg(max_steps=2))
+    changed = {k for k, v in weights(model).items() if not torch.equal(v, before[k])}
+    assert math.isfinite(result.last_loss) and changed and all("lora_" in k for k in changed)
 
 
 # -- TrainConfig errors ----------------------------------------------------------------------------------------
