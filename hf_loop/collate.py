@@ -9,6 +9,7 @@ field with one masked assignment. There is no Python loop over tokens.
 from __future__ import annotations
 
 import array
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -123,11 +124,11 @@ def _read_lists(name: str, rows: list) -> _Ragged | _Arrays | _PassThrough:
         if isinstance(first, (list, tuple, np.ndarray, torch.Tensor)) and numeric_leaf:
             return _read_arrays(name, rows, nested=True)
         return _PassThrough(list(rows))
-    if kind == "bool":
-        flat = np.array([v for row in rows for v in row], dtype=object)
-        if not all(isinstance(v, (bool, np.bool_)) for v in flat):
+    if kind == "bool":  # numpy infers bool only when every value is one (a C loop, no Python per value)
+        flat = np.array(list(itertools.chain.from_iterable(rows)))
+        if flat.dtype != bool:
             raise _find_bad(name, rows, kind)
-        return _Ragged(lengths, flat.astype(bool))
+        return _Ragged(lengths, flat)
     buffer = array.array("q" if kind == "int" else "d")
     try:  # array.array checks every value: a float in an int field or a str anywhere raises instead of casting
         for row in rows:

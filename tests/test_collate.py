@@ -120,6 +120,8 @@ def test_scalars_strings_and_dtypes():
         {"w": [np.array([1, 2], dtype=np.float16), np.array([3], dtype=np.float16)]}
     )
     assert kept["w"].dtype == torch.float16
+    flags = hl.PadCollator()({"flags": [[True, False], [True]]})["flags"]
+    assert flags.dtype == torch.bool and flags.tolist() == [[True, False], [True, False]]
     words = hl.PadCollator()({"tokens": [["a", "b"], ["c"]], "input_ids": [[1, 2], [3]]})
     assert words["tokens"] == [["a", "b"], ["c"]]
 
@@ -198,6 +200,10 @@ def test_errors_name_the_field_and_the_row():
         TypeError, match=r"field 'input_ids', row 2: got str 'x' where int values are expected"
     ):
         collate({"input_ids": [[1], [2], [3, "x"]]})
+    with pytest.raises(
+        TypeError, match=r"field 'flags' mixes dtypes: row 1 holds int 2 but the field starts with bool"
+    ):
+        collate({"flags": [[True], [False, 2]]})
     with pytest.raises(TypeError, match=r"field 'label', row 1: got NoneType None"):
         collate({"label": [1, None]})
     with pytest.raises(TypeError, match=r"field 'm' mixes dtypes: row 0 is int64, row 1 is float32"):
