@@ -294,7 +294,9 @@ class PadCollator:
       ``-100`` for ``labels``, ``0`` for the attention mask and every other integer or bool field. Float fields
       have no default: a ragged float field without a pad value is an error, and an N-D field whose rows all
       share one shape (an image) is stacked unchanged unless it has an explicit pad value.
-      ``pad_values={field: None}`` means "never pad": the rows must already have one shape.
+      ``pad_values={field: None}`` means "never pad": the rows must already have one shape. 1-D integer rows
+      are padded even when they already have one length, so ``max_length`` and ``pad_to_multiple_of`` always
+      apply to token fields.
     - ``max_length`` (truncation) and ``pad_to_multiple_of`` act on the first axis of each row (the sequence
       axis) of every padded field; other ragged axes are padded to the batch maximum. ``padding_side`` applies
       to every padded axis; ``truncation_side`` says which end ``max_length`` cuts.
