@@ -138,7 +138,19 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a ``train`` call did. ``stop_reason``: completed | early_stopping | sigterm."""
+    """What a ``train`` call did.
+
+    ``train_loss`` is the mean over every logged step of this call (weighted by loss targets), ``last_loss`` the
+    last log window's; ``eval`` the last evaluation; ``checkpoint`` the last file written and
+    ``best_checkpoint`` the one with the best ``best_metric``; ``padding`` the loader's share of padded token
+    slots. ``stop_reason``: "completed" | "early_stopping" | "sigterm" (a checkpoint was written; rerun the
+    same command to continue).
+
+    Example:
+        >>> result = hl.train(model, loader, optimizer, TrainConfig(epochs=1))     # doctest: +SKIP
+        >>> result.steps, result.stop_reason, round(result.samples_per_s)
+        (125, 'completed', 812)
+    """
 
     steps: int
     epochs: int

@@ -304,7 +304,13 @@ def predict(
 
 @dataclass(frozen=True)
 class ParameterTable:
-    """Trainable and total parameter counts per module (``str()`` renders a table)."""
+    """Trainable and total parameter counts per module (``str()`` renders a table).
+
+    Example:
+        >>> table = count_parameters(model)          # doctest: +SKIP
+        >>> table.trainable, table.total, table.rows[0]
+        (36162, 36162, ('bert.embeddings', 17952, 17952))
+    """
 
     rows: list[tuple[str, int, int]]
     trainable: int

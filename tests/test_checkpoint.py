@@ -91,3 +91,14 @@ def test_keeps_the_last_k_checkpoints_and_rejects_nothing_valid(tmp_path):
     assert checkpoint.latest(tmp_path) == result.checkpoint
     quick_run(tmp_path, max_steps=8, checkpoint_every=1, keep_last=3)
     assert not stale.exists() and checkpoint.latest(tmp_path).name == "step-00000008.pt"
+
+
+def test_resuming_with_another_global_batch_warns(tmp_path):
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = hl.TrainConfig(max_steps=1, out_dir=tmp_path, progress=False, export=False)
+    hl.train(model, hl.make_loader(classification_dataset(16), batch_size=4, seed=0), opt, config)
+    bigger = hl.make_loader(classification_dataset(16), batch_size=8, seed=0)
+    with pytest.warns(UserWarning, match=r"global batch of 8 examples \(saved with 4\)"):
+        result = hl.train(model, bigger, opt, hl.TrainConfig(max_steps=2, out_dir=tmp_path, progress=False))
+    assert result.steps == 2 and result.resumed_from.name == "step-00000001.pt"
