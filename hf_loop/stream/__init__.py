@@ -244,7 +244,7 @@ class StreamDataset(IterableDataset):
     def _columns(self, table: pa.Table, rng: np.random.Generator) -> dict[str, Any]:
         """One window's columns: Arrow arrays, or the transform's output (called once for the window)."""
         if self.transform is None:
-            out: dict[str, Any] = {name: table.column(name).combine_chunks() for name in table.column_names}
+            out: dict[str, Any] = {name: _one_array(table.column(name)) for name in table.column_names}
         else:
             batch = table.to_pydict()
             features = self.ds.features
@@ -306,3 +306,8 @@ def _check_weights(weights: Sequence[float] | None, sources: list[Any]) -> np.nd
             "with weight 0 would never be read (drop it from the list instead)"
         )
     return w / w.sum()
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    # combine_chunks copies even a single chunk
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()

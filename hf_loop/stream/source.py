@@ -17,7 +17,7 @@ class Source:
     """A streamed dataset cut by its layout (whole shards, row groups or examples) for ``layout.readers``."""
 
     def __init__(self, ds: Any, layout: Layout, index: int, columns: list[str] | None) -> None:
-        self.ds = ds
+        self.ds = ds.with_format("arrow")  # formatted once: .iter() then yields Arrow tables
         self.layout = layout
         self.index = index  # position among mixed sources (0 for a single stream)
         self.columns = columns  # pushed down when there is no transform
@@ -48,7 +48,7 @@ class Source:
                     for i in range(first, groups.num_shards)
                 ]
         for part, at in parts:
-            for table in part.with_format("arrow").iter(batch_size=read_rows):
+            for table in part.iter(batch_size=read_rows):
                 n = table.num_rows
                 if at + n > offset:
                     if self.columns is not None:
