@@ -63,19 +63,19 @@ def _eval_and_predict(env: hl.DistEnv) -> tuple[dict, torch.Tensor]:
     return hl.evaluate(model, loader, metrics=accuracy, env=env), hl.predict(model, loader, env=env)
 
 
-def _train_stream(env: hl.DistEnv) -> tuple[int, int]:
+def _train_stream(env: hl.DistEnv, out_dir: str | None = None) -> tuple[int, int]:
     """A stream of 3 uneven shards (13 rows) on 2 ranks: the ranks must agree on every step and stop together."""
     from datasets import Dataset
 
     rows = Dataset.from_dict(token_rows(13)).to_iterable_dataset(num_shards=3)
     loader = hl.make_loader(hl.StreamDataset(rows), batch_size=2, env=env)
     model = tiny_bert()
-    config = hl.TrainConfig(max_steps=7, progress=False)
+    config = hl.TrainConfig(max_steps=7, progress=False, out_dir=out_dir, export=False)
     result = hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), config, env=env)
     return result.steps, result.epochs
 
 
-def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
+def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str, dir_stream: str) -> dict:
     torch.set_num_threads(1)
     evaluation, predictions = _eval_and_predict(env)
     # Results cross the process boundary as numpy: torch tensors would travel as shared memory that vanishes
@@ -87,18 +87,24 @@ def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str) -> dict:
         "seen_21": _elastic_run(dir_21, batch_size=4, max_steps=2, env=env),  # 2 steps of 8, then 1 process
         "seen_12": _elastic_run(dir_12, batch_size=4, max_steps=3, env=env),  # resumes 1 process' step 1
         "eval": (evaluation, predictions.numpy()),
-        "stream": _train_stream(env),
+        "stream": _train_stream(env, dir_stream),
     }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     dir_21, dir_12 = tmp_path_factory.mktemp("w2_to_w1"), tmp_path_factory.mktemp("w1_to_w2")
+    dir_stream = tmp_path_factory.mktemp("stream")
     single = hl.DistEnv()
     seen_12_first = _elastic_run(dir_12, batch_size=8, max_steps=1, env=single)
-    ranks = run_distributed(_two_ranks, world_size=2, args=(str(dir_21), str(dir_12)))
+    ranks = run_distributed(_two_ranks, world_size=2, args=(str(dir_21), str(dir_12), str(dir_stream)))
     seen_21_rest = _elastic_run(dir_21, batch_size=8, max_steps=3, env=single)
-    return {"ranks": ranks, "seen_12_first": seen_12_first, "seen_21_rest": seen_21_rest}
+    return {
+        "ranks": ranks,
+        "seen_12_first": seen_12_first,
+        "seen_21_rest": seen_21_rest,
+        "dir_stream": dir_stream,
+    }
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(runs):
@@ -141,3 +147,10 @@ def test_distributed_evaluate_and_predict_drop_padding_duplicates(runs):
 def test_a_stream_on_two_ranks_runs_equal_steps_and_stops_together(runs):
     rank0, rank1 = runs["ranks"][0]["stream"], runs["ranks"][1]["stream"]
     assert rank0 == rank1 and rank0[0] == 7 and rank0[1] >= 1  # several passes, no hang, same epoch count
+
+
+def test_a_stream_checkpoint_is_not_resumed_on_another_world_size(runs):
+    with pytest.raises(
+        ValueError, match=r"written by 2 processes and this run has 1; a stream's shard positions"
+    ):
+        _train_stream(hl.DistEnv(), str(runs["dir_stream"]))

@@ -114,3 +114,24 @@ def test_sigterm_checkpoints_and_stops_then_resume_is_exact(tmp_path):
     again = _dropout_run(tmp_path / "b")  # a finished run: nothing left to do, same weights
     assert again.steps == 6 and again.train_loss is None
     assert all(torch.equal(again.weights[k], uninterrupted.weights[k]) for k in uninterrupted.weights)
+
+
+def _stream_run(out_dir: Path, max_steps: int) -> dict[str, torch.Tensor]:
+    from _train_script import token_rows
+    from datasets import Dataset
+
+    rows = Dataset.from_dict(token_rows(20)).to_iterable_dataset(num_shards=2)
+    loader = hl.make_loader(hl.StreamDataset(rows, shuffle_buffer=4, seed=1), batch_size=4)
+    model = tiny_bert(dropout=0.1)
+    config = hl.TrainConfig(
+        max_steps=max_steps, out_dir=out_dir, checkpoint_every=1, progress=False, export=False
+    )
+    hl.train(model, loader, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
+    return weights(model)
+
+
+def test_a_stream_resumes_exactly_mid_pass(tmp_path):
+    uninterrupted = _stream_run(tmp_path / "a", max_steps=8)  # 5 batches per pass: the run crosses a pass
+    _stream_run(tmp_path / "b", max_steps=3)
+    resumed = _stream_run(tmp_path / "b", max_steps=8)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
