@@ -155,7 +155,11 @@ def _add_loss(out, outputs, batch, kind, problem, loss_fn, size: int) -> None:
     """Add a batch's loss: per example when the head is a standard one (exact de-duplication), else per batch."""
     if loss_fn is not None:
         loss, count = call_loss_fn(loss_fn, outputs, batch)
-        n = count if count is not None else count_targets(batch.get("labels"), kind, size)
+        n = (
+            count
+            if count is not None
+            else count_targets(batch.get("labels"), kind, size, torch.device("cpu"))
+        )
         out["batch_loss"] += float(loss) * (1.0 if count is not None else float(n))
         out["batch_count"] += float(n)
         out["exact"] = False
@@ -164,7 +168,7 @@ def _add_loss(out, outputs, batch, kind, problem, loss_fn, size: int) -> None:
     if loss is None:
         return
     per_example = _example_losses(outputs, batch, kind, problem) if out["exact"] else None
-    n = count_targets(batch.get("labels"), kind, size)
+    n = count_targets(batch.get("labels"), kind, size, torch.device("cpu"))
     if per_example is not None:
         sums, counts = per_example
         # Trust the per-example split only while it reproduces the model's own loss (custom losses differ).

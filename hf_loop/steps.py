@@ -111,19 +111,24 @@ def target_kind(model: torch.nn.Module) -> str:
     return "auto"
 
 
-def count_targets(labels: torch.Tensor | None, kind: str, batch_size: int) -> torch.Tensor:
-    """Number of loss targets in a batch, as a tensor on the labels' device (no host sync).
+def scalar(value: int | float, device: torch.device) -> torch.Tensor:
+    """A 0-d tensor on ``device`` without a host sync (``torch.tensor(x, device="cuda")`` copies and waits)."""
+    return torch.full((), value, device=device)
+
+
+def count_targets(labels: Any, kind: str, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Number of loss targets in a batch, as a 0-d tensor on ``device`` (no host sync).
 
     Causal LM: ``labels[..., 1:] != -100`` (position 0 never is a target once the model shifts). Token heads:
     ``labels != -100``. Otherwise integer labels with a sequence dimension count tokens, anything else examples.
     """
-    if labels is None or not isinstance(labels, torch.Tensor):
-        return torch.tensor(batch_size)
+    if not isinstance(labels, torch.Tensor):
+        return scalar(batch_size, device)
     if kind == "causal":
-        return (labels[..., 1:] != IGNORE_INDEX).sum()
+        return (labels[..., 1:] != IGNORE_INDEX).sum().to(device)
     if kind == "token" or (labels.dim() >= 2 and not labels.is_floating_point()):
-        return (labels != IGNORE_INDEX).sum()
-    return torch.tensor(labels.shape[0] if labels.dim() else 1, device=labels.device)
+        return (labels != IGNORE_INDEX).sum().to(device)
+    return scalar(labels.shape[0] if labels.dim() else 1, device)
 
 
 def loss_of(outputs: Any) -> torch.Tensor | None:
@@ -216,7 +221,7 @@ def tokens_in(batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, int]:
         return mask.sum(), mask.numel()
     ids = batch.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return torch.tensor(ids.numel()), ids.numel()
+        return scalar(ids.numel(), ids.device), ids.numel()
     return None, 0
 
 
@@ -231,7 +236,10 @@ def call_loss_fn(
                 f"loss_fn must return a scalar loss or (loss_sum, count), got a {len(result)}-tuple"
             )
         loss_sum, count = result
-        return loss_sum, torch.as_tensor(count, device=loss_sum.device)
+        count = (
+            count.to(loss_sum.device) if isinstance(count, torch.Tensor) else scalar(count, loss_sum.device)
+        )
+        return loss_sum, count
     if not isinstance(result, torch.Tensor) or result.dim() != 0:
         raise TypeError(
             f"loss_fn must return a scalar tensor or (loss_sum, count), got {type(result).__name__}"
@@ -315,7 +323,7 @@ def accumulate(
     forward passes), else None.
     """
     device = env.device
-    counts = [count_targets(b.get("labels"), inputs.kind, batch_size_of(b)).to(device) for b in micro]
+    counts = [count_targets(b.get("labels"), inputs.kind, batch_size_of(b), device) for b in micro]
     # The global number of targets over micro-batches and ranks: every micro-batch's loss sum is divided by it,
     # so padding-heavy micro-batches weigh what their targets weigh. DDP averages gradients over ranks, hence * W.
     total = all_reduce(torch.stack(counts).sum(), env).clamp(min=1)
