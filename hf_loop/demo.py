@@ -38,7 +38,7 @@ def _filler_words(count: int = 300) -> list[str]:
 FILLER = tuple(_filler_words())
 
 
-def make_dataset(num_rows: int = 4000, *, seed: int = 0, median_words: int = 40) -> Any:
+def make_dataset(num_rows: int = 4000, *, seed: int = 0, median_words: int = 24) -> Any:
     """The demo dataset: ``text`` (variable length), ``label`` (0 other / 1 sports / 2 finance, ~60/30/10%).
 
     Deterministic: the same (num_rows, seed, median_words) always give the same rows.

@@ -28,7 +28,7 @@ def test_labels_follow_the_keyword_rule_and_are_imbalanced():
     shares = np.bincount(labels, minlength=3) / len(labels)
     np.testing.assert_allclose(shares, demo.CLASS_SHARES, atol=0.04)
     lengths = np.array([len(t.split()) for t in texts])
-    assert lengths.min() >= 6 and lengths.max() <= 200 and 30 <= np.median(lengths) <= 50
+    assert lengths.min() >= 6 and lengths.max() <= 200 and 18 <= np.median(lengths) <= 30
     assert ds.features["label"].names == list(demo.LABELS)
 
 
