@@ -49,11 +49,22 @@ class _Batches:
         world, rank = self._stride()
         start, epoch = getattr(self.sampler, "start", 0), getattr(self.sampler, "epoch", 0)
         for first_item, batch in self._group():
-            tagged = _BatchIndices(int(i) for i in batch)
+            tagged = _BatchIndices(batch)
             tagged.rng_key = (self.seed, epoch, start + first_item * world + rank)
             yield tagged
 
     def _group(self) -> Iterator[tuple[int, list[int]]]:
+        """(position of the batch's first item in this rank's stream, the batch's indices)."""
+        if hasattr(self.sampler, "items"):  # hf_loop samplers: slice one array instead of a stream of ints
+            items = self.sampler.items()
+            if getattr(self.sampler, "yields_batches", False):
+                for k, batch in enumerate(items):
+                    yield k, batch.tolist()
+                return
+            stop = len(items) - len(items) % self.batch_size if self.drop_last else len(items)
+            for first in range(0, stop, self.batch_size):
+                yield first, items[first : first + self.batch_size].tolist()
+            return
         if getattr(self.sampler, "yields_batches", False):
             yield from enumerate(self.sampler)
             return
@@ -90,10 +101,16 @@ class PaddingStats:
         if not isinstance(batch, dict):
             return
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        packed = batch.get("cu_seq_lens_q")
         if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
             self.real_tokens += int(mask.count_nonzero())
             self.total_tokens += mask.numel()
-        elif isinstance(ids, torch.Tensor):  # packed or unpadded: every slot is real
+        elif isinstance(packed, torch.Tensor) and isinstance(
+            ids, torch.Tensor
+        ):  # packed: the tail is padding
+            self.real_tokens += int(packed[-1])
+            self.total_tokens += ids.numel()
+        elif isinstance(ids, torch.Tensor):  # unpadded: every slot is real
             self.real_tokens += ids.numel()
             self.total_tokens += ids.numel()
         self.batches += 1

@@ -125,9 +125,13 @@ class Sampler(TorchSampler, ABC):
     def __len__(self) -> int:
         return self._epoch_size(self.epoch)
 
+    def items(self) -> np.ndarray | list[np.ndarray]:
+        """What the next ``__iter__`` yields, at once: an index array (or a list of batch arrays)."""
+        return self.order(self.epoch)[self.start :]
+
     def __iter__(self) -> Iterator[Any]:
         # Slice now, not lazily in a generator: the iterator is a snapshot of (epoch, start).
-        return _stream(self.order(self.epoch)[self.start :], self.yields_batches)
+        return _stream(self.items(), self.yields_batches)
 
     def identity(self) -> dict[str, Any]:
         """What a state must match to load here: kind, n, seed, options and a hash of the data (plain values)."""

@@ -66,10 +66,12 @@ class DistributedSampler(Sampler):
         positions = self.start + self.rank + self.num_replicas * np.arange(count)
         return np.where(positions < total, positions, (positions - total) % total)
 
-    def __iter__(self) -> Iterator[Any]:
+    def items(self) -> np.ndarray | list[np.ndarray]:
         full, positions = self.order(self.epoch), self._positions()
-        items = [full[i] for i in positions] if self.yields_batches else full[positions]
-        return _stream(items, self.yields_batches)
+        return [full[i] for i in positions] if self.yields_batches else full[positions]
+
+    def __iter__(self) -> Iterator[Any]:
+        return _stream(self.items(), self.yields_batches)
 
     def __len__(self) -> int:
         return self._share(self._epoch_size(self.epoch))
