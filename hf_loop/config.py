@@ -98,6 +98,10 @@ class TrainConfig:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"TrainConfig.seed must be an int, got {self.seed!r}")
+        for name in ("compile", "progress", "greater_is_better", "ddp_find_unused_parameters",
+                     "ddp_static_graph", "export"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_every is not None and self.out_dir is None:
             raise ValueError(
                 "TrainConfig.checkpoint_every needs out_dir: set out_dir='runs/name' to say where "

@@ -378,6 +378,8 @@ def test_count_parameters_of_a_peft_model():
             r"TrainConfig.scheduler must be a scheduler name or a torch LR scheduler",
         ),
         ({"seed": "0"}, TypeError, r"TrainConfig.seed must be an int, got '0'"),
+        ({"compile": "yes"}, TypeError, r"TrainConfig.compile must be True or False, got 'yes'"),
+        ({"ddp_static_graph": 1}, TypeError, r"TrainConfig.ddp_static_graph must be True or False, got 1"),
         ({"checkpoint_every": 5}, ValueError, r"TrainConfig.checkpoint_every needs out_dir"),
         ({"best_metric": ""}, ValueError, r"TrainConfig.best_metric must be a metric name"),
         (
