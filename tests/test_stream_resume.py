@@ -216,3 +216,44 @@ def test_tail_payloads_survive_pin_memory(files):
     data, meta = pin_memory(collate(tail))  # no tensors in a tail: nothing needs a GPU here
     assert isinstance(data, dict) and data["id"].to_pylist() == tail[0].columns["id"].to_pylist()
     assert list(meta) == list(tail[1])
+
+
+def test_spawned_persistent_workers_see_each_epoch(files):
+    """Under 'spawn' the bound stream is pickled to the worker; the epoch still reaches it (shared memory)."""
+    loader = loader_for(files, 1, multiprocessing_context="spawn", persistent_workers=True)
+    epochs = [ids(loader), ids(loader)]
+    in_process = loader_for(files, 0)  # one reader either way: the same plan and batches
+    assert epochs == [ids(in_process), ids(in_process)]
+    assert epochs[0] != epochs[1]
+
+
+class Tokenize:
+    """A module-level transform (picklable): text -> input_ids, batched as set_transform does."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.tokenizer(batch["text"], truncation=True, max_length=32)
+        return {"input_ids": out["input_ids"], "label": batch["label"]}
+
+
+def test_hub_folder_stream_with_a_tokenizing_transform(hub_folder, tokenizer):
+    from datasets import load_dataset
+
+    hf = load_dataset(str(hub_folder), split="train", streaming=True)  # 2 parquet shards, 60 rows
+
+    def loader_with(bucket):
+        stream = hl.StreamDataset(hf, transform=Tokenize(tokenizer), shuffle_buffer=24, bucket=bucket, seed=0)
+        collate = hl.PadCollator.for_tokenizer(tokenizer)
+        return hl.make_loader(stream, batch_size=8, num_workers=2, collate_fn=collate)
+
+    loader, plain = loader_with("input_ids"), loader_with(None)
+    batches = list(loader)
+    assert sum(len(b["labels"]) for b in batches) == 60
+    assert set(batches[0]) == {"input_ids", "attention_mask", "labels"}
+    texts = load_dataset(str(hub_folder), split="train")["text"]
+    expected = sorted(len(tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in texts)
+    assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == expected
+    list(plain)
+    assert loader.padding.waste < plain.padding.waste - 0.1  # bucketed within each window of 24
