@@ -1,7 +1,8 @@
 """``StreamDataset``: a streamed Hugging Face dataset as exact, resumable, bucketed torch batches.
 
-Layout: ``plan.py`` (which reader reads which shards), ``reader.py`` (the bound IterableDataset the DataLoader
-runs: windows, shuffle, transform, bucketing), ``tracker.py`` (canonical order, consumed positions, resume).
+Layout: ``plan.py`` (which reader reads which shards), ``source.py`` (reading a shard from a row on, and a
+reader's cursor over its shards), ``reader.py`` (the bound IterableDataset the DataLoader runs: windows, mixing,
+shuffle, transform, bucketing), ``tracker.py`` (canonical batch order, consumed positions, resume state).
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ __all__ = ["BoundStream", "MixPlan", "StreamDataset", "StreamPlan", "StreamTrack
 logger = logging.getLogger("hf_loop")
 
 BUCKET_BATCHES = 50  # default window when bucketing without shuffling: 50 batches (a "megabatch")
-PLAIN_WINDOW = (
-    1024  # default window (examples) otherwise: file order, so only the reading granularity changes
-)
+# default window (examples) otherwise: the file order is kept, so it only sets the reading granularity
+PLAIN_WINDOW = 1024
 
 
 class StreamDataset(IterableDataset):
@@ -75,6 +75,8 @@ class StreamDataset(IterableDataset):
         >>> stream = StreamDataset(hf, shuffle_buffer=10_000, bucket="input_ids", seed=0)   # doctest: +SKIP
         >>> print(stream.plan(num_workers=2, world_size=2))                                 # doctest: +SKIP
         >>> loader = hl.make_loader(stream, batch_size=32, num_workers=2)                   # doctest: +SKIP
+        >>> state = loader.state_dict()     # per-reader positions: plain ints              # doctest: +SKIP
+        >>> mixed = StreamDataset([hf_a, hf_b], weights=[0.3, 0.7], shuffle_buffer=4096)    # doctest: +SKIP
     """
 
     def __init__(
@@ -152,8 +154,9 @@ class StreamDataset(IterableDataset):
             )
         return wanted
 
-    def plan(self, num_workers: int = 0, world_size: int = 1, *, epoch: int = 0) -> StreamPlan:
-        """Which reader (rank, worker) reads which shards, and how many examples where parquet footers tell.
+    def plan(self, num_workers: int = 0, world_size: int = 1, *, epoch: int = 0) -> StreamPlan | MixPlan:
+        """Which reader (rank, worker) reads which shards, and how many examples where parquet footers tell
+        (a :class:`MixPlan`, one plan per source, for mixed streams).
 
         Example:
             >>> print(stream.plan(num_workers=2, world_size=2))   # doctest: +SKIP
@@ -196,6 +199,14 @@ class StreamDataset(IterableDataset):
         drop_last: bool = False,
     ) -> BoundStream:
         """A new IterableDataset of this stream's batches for one rank (``hl.make_loader`` calls it).
+
+        Give it to a DataLoader with ``batch_size=None`` and ``collate_fn=bound.wrap_collate(collate)``, and
+        iterate through ``bound.tracker().iterate(iter(dataloader))`` (docs/internals.md, "Stream path").
+        ``drop_last`` drops the rank's last short batch (readers' short tails are merged into full batches
+        first); token budgets (``max_tokens``) have no short batches to drop.
+
+        Example:
+            >>> bound = stream.bind(rank=0, world_size=2, num_workers=2, batch_size=32)   # doctest: +SKIP
 
         Raises:
             ValueError: neither or both of batch_size / max_tokens, or a rank outside the world.
