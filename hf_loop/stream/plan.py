@@ -133,8 +133,8 @@ def layout_for(ds: Any, world_size: int, num_workers: int, *, split_examples: bo
                 fewer = f"no worker count helps with fewer shards than the {world_size} ranks; "
             raise DataError(
                 f"the stream has {ds.num_shards} shard(s) ({source.num_shards} after splitting into row groups) "
-                f"but world_size={world_size} x num_workers={num_workers} = {readers} readers need one each; "
-                f"some would get no data. Fix: {fewer}write the data in more files (or smaller parquet row "
+                f"but world_size={world_size} x num_workers={num_workers} = {readers} readers, so "
+                f"some readers would get no shard. Fix: {fewer}write the data in more files (or smaller parquet row "
                 "groups), or pass split_examples=True to split by example instead (every reader then reads all "
                 f"{source.num_shards} shard(s) and keeps 1 example in {readers})"
             )
