@@ -75,6 +75,16 @@ def _train_stream(env: hl.DistEnv, out_dir: str | None = None) -> tuple[int, int
     return result.steps, result.epochs
 
 
+def _predict_without_index(env: hl.DistEnv) -> str:
+    """Batches without "_index" (a hand-made DataLoader): duplicates could not be removed, so it is an error."""
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)} for _ in range(6)]
+    try:
+        hl.predict(tiny_bert(), torch.utils.data.DataLoader(rows, batch_size=2), env=env)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str, dir_stream: str) -> dict:
     torch.set_num_threads(1)
     evaluation, predictions = _eval_and_predict(env)
@@ -88,6 +98,7 @@ def _two_ranks(env: hl.DistEnv, dir_21: str, dir_12: str, dir_stream: str) -> di
         "seen_12": _elastic_run(dir_12, batch_size=4, max_steps=3, env=env),  # resumes 1 process' step 1
         "eval": (evaluation, predictions.numpy()),
         "stream": _train_stream(env, dir_stream),
+        "no_index": _predict_without_index(env),
     }
 
 
@@ -154,3 +165,8 @@ def test_a_stream_checkpoint_is_not_resumed_on_another_world_size(runs):
         ValueError, match=r"written by 2 processes and this run has 1; a stream's shard positions"
     ):
         _train_stream(hl.DistEnv(), str(runs["dir_stream"]))
+
+
+def test_distributed_predict_without_the_index_column_is_an_error(runs):
+    for rank in runs["ranks"]:
+        assert "distributed predict needs the '_index' column in every batch" in rank["no_index"]
