@@ -8,7 +8,6 @@ import torch
 from datasets import Dataset
 
 import hf_loop as hl
-from hf_loop.loader import PaddingStats
 from tests.distributed import run_distributed
 
 N = 45
@@ -249,12 +248,3 @@ def test_length_grouping_refuses_a_resume_with_another_global_batch():
     fresh = build("length", env=hl.DistEnv(rank=0, world_size=3), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"), pytest.warns(UserWarning, match="global batch"):
         fresh.load_state_dict(old.state_dict())
-
-
-def test_padding_statistics_of_packed_rows_count_the_padded_tail():
-    rows = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}]
-    batch = hl.PackCollator(max_length=5)(rows)
-    stats = PaddingStats()
-    stats.update(batch)
-    assert stats.real_tokens == 9 and stats.total_tokens == batch["input_ids"].numel()
-    assert stats.total_tokens > stats.real_tokens
