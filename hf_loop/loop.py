@@ -266,6 +266,14 @@ def train(
     Under ``torchrun`` pass ``env=hl.init_distributed()`` and a loader built with ``make_loader(env=env)``: the
     model is wrapped in DistributedDataParallel, rank 0 logs and writes checkpoints.
 
+    Args:
+        loss_fn: ``fn(outputs, batch)`` returning the mean loss, or ``(loss_sum, count)``; default: the model's
+            ``loss``. Either way the step's loss is the mean over all its targets (micro-batches and ranks).
+        eval_loader: evaluated every ``eval_every`` steps (else at each epoch's end) and at the end.
+        env: the process's place in the job; default one process on the best device.
+        metrics: name -> ``fn(predictions, labels) -> float`` for the evaluations.
+        on_log: called on rank 0 with each log record (the same dicts as ``out_dir/metrics.jsonl``).
+
     Example:
         >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=32)
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
