@@ -7,212 +7,17 @@ offsets, when there is no transform) for :class:`hf_loop.PadCollator`'s vectoris
 
 from __future__ import annotations
 
-import inspect
-import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from torch.utils.data import Dataset as TorchDataset
 
+from hf_loop.data.arrow import _arrow_lengths, arrow_cache, read_rows
+from hf_loop.data.columns import INDEX_KEY, Columns, _column_len
+from hf_loop.data.transform import Transform, _describe, _pickle_problem, _takes_rng
 from hf_loop.hub import DataError
-
-INDEX_KEY = "_index"
-
-Transform = Callable[..., Mapping[str, Any]]
-
-
-def _readonly(*_args: Any, **_kwargs: Any) -> None:
-    raise TypeError(
-        "hl.Columns is read-only (its rows mirror .columns); copy it with list(batch) to edit rows"
-    )
-
-
-def _column_len(values: Any) -> int:
-    shape = getattr(values, "shape", None)  # numpy arrays and torch tensors: rows are the first axis
-    return int(shape[0]) if shape is not None and len(shape) > 0 else len(values)
-
-
-def _column_rows(values: Any) -> list:
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        return values.tolist()  # Python scalars, as a Hugging Face dataset's rows have
-    return list(values)
-
-
-class Columns(list):
-    """A batch as a list of row dicts that also exposes its columns (``.columns``).
-
-    It is a real ``list`` (transformers' ``tokenizer.pad`` accepts only lists and tuples), so ``default_collate``
-    and transformers' collators work on it, while :class:`hf_loop.PadCollator` reads ``.columns`` directly.
-    Column values may be pyarrow arrays (list columns keep their Arrow offsets), numpy arrays, torch tensors or
-    Python lists. The rows are built on first row access (one conversion per column), never before, and are not
-    pickled: a batch travels from a worker as its columns only. The list is read-only.
-
-    Example:
-        >>> batch = Columns({"input_ids": [[1, 2], [3]], "label": [0, 1]})
-        >>> len(batch), batch[1]
-        (2, {'input_ids': [3], 'label': 1})
-        >>> batch.columns["label"]
-        [0, 1]
-    """
-
-    __slots__ = ("columns", "_n", "_filled")
-
-    def __init__(self, columns: Mapping[str, Any], num_rows: int | None = None) -> None:
-        super().__init__()
-        self.columns: dict[str, Any] = dict(columns)
-        lengths = {name: _column_len(values) for name, values in self.columns.items()}
-        if num_rows is None:
-            num_rows = next(iter(lengths.values()), 0)
-        wrong = {name: n for name, n in lengths.items() if n != num_rows}
-        if wrong:
-            raise ValueError(f"every column needs {num_rows} values (one per row), but got lengths {wrong}")
-        self._n = num_rows
-        self._filled = False
-
-    def _fill(self) -> Columns:
-        if not self._filled:
-            names = list(self.columns)
-            values = [_column_rows(self.columns[name]) for name in names]
-            list.extend(
-                self,
-                (dict(zip(names, row)) for row in zip(*values)) if names else ({} for _ in range(self._n)),
-            )
-            self._filled = True
-        return self
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __bool__(self) -> bool:
-        return self._n > 0
-
-    def __getitem__(self, key: Any) -> Any:
-        return list.__getitem__(self._fill(), key)
-
-    def __iter__(self):
-        return list.__iter__(self._fill())
-
-    def __reversed__(self):
-        return list.__reversed__(self._fill())
-
-    def __contains__(self, item: Any) -> bool:
-        return list.__contains__(self._fill(), item)
-
-    def __eq__(self, other: object) -> bool:
-        return list.__eq__(self._fill(), other._fill() if isinstance(other, Columns) else other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __add__(self, other: Any) -> list:
-        return list(self) + list(other)
-
-    def __repr__(self) -> str:
-        return f"Columns(num_rows={self._n}, columns={list(self.columns)})"
-
-    def index(self, *args: Any) -> int:
-        return list.index(self._fill(), *args)
-
-    def count(self, item: Any) -> int:
-        return list.count(self._fill(), item)
-
-    def copy(self) -> list:
-        return list(self)
-
-    def __reduce__(self):
-        return (Columns, (self.columns, self._n))
-
-    append = extend = insert = pop = remove = clear = sort = reverse = _readonly  # type: ignore[assignment]
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _readonly  # type: ignore[assignment]
-
-
-def _takes_rng(fn: Callable) -> bool:
-    """True when ``fn`` accepts a second positional argument (the batch's numpy Generator)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature take the batch only
-        return False
-    kinds = [p.kind for p in params]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
-        return True
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(kind in positional for kind in kinds) >= 2
-
-
-def _describe(fn: Callable) -> str:
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{name!r} (module {getattr(fn, '__module__', None) or type(fn).__module__!r})"
-
-
-def _pickle_problem(transform: Callable | None) -> str | None:
-    """Why ``transform`` cannot travel to a spawned DataLoader worker, or None when it can."""
-    if transform is None:
-        return None
-    try:
-        pickle.dumps(transform)
-    # pickle raises PicklingError, AttributeError or TypeError depending on the object
-    except Exception as exc:
-        return (
-            f"the transform {_describe(transform)} cannot be pickled ({type(exc).__name__}: {exc}), so DataLoader "
-            "workers started with 'spawn' or 'forkserver' cannot receive it. Define it at module level (not a "
-            "lambda or a function nested in another function), or use num_workers=0"
-        )
-    return None
-
-
-class _NumericColumn:
-    """Zero-copy numpy views of one numeric (or list-of-numeric) column, chunk by chunk, for gathering rows with
-    per-row slices of the values: no pyarrow object per row and no concatenation of the whole chunk.
-
-    ``twin`` names an earlier list column with the same offsets in every chunk (``attention_mask`` beside
-    ``input_ids``): its row bounds are reused, and chunks whose values are all ones (checked once, the first time
-    a chunk is read) need no per-row slicing at all."""
-
-    def __init__(self, chunks: list[pa.Array], twin: str | None = None) -> None:
-        self.nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
-        self.large = isinstance(chunks[0], pa.LargeListArray)
-        self.twin = twin
-        # memoryviews index to Python ints far faster than numpy scalars
-        self.offsets = [memoryview(c.offsets.to_numpy()) for c in chunks] if self.nested else []
-        self.values = [(c.values if self.nested else c).to_numpy() for c in chunks]
-        self.scalars = [] if self.nested else [memoryview(v) for v in self.values]
-        self.ones: dict[int, bool] = {}
-
-    @staticmethod
-    def usable(chunks: list[pa.Array]) -> bool:
-        kind = chunks[0].type
-        nested = pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        child = kind.value_type if nested else kind
-        if not (pa.types.is_integer(child) or pa.types.is_floating(child)):
-            return False
-        return not any(c.null_count or (nested and c.values.null_count) for c in chunks)
-
-    def _all_ones(self, chunk: int) -> bool:
-        if chunk not in self.ones:
-            self.ones[chunk] = bool((self.values[chunk] == 1).all())
-        return self.ones[chunk]
-
-    def gather(self, which: list[int], local: list[int], bounds: np.ndarray | None = None) -> pa.Array:
-        """The rows (chunk ``which[i]``, row ``local[i]``) as one array; ``bounds`` are the twin's offsets."""
-        if not self.nested:
-            return pa.array(
-                np.array([self.scalars[b][s] for b, s in zip(which, local)], self.values[0].dtype)
-            )
-        values = self.values
-        if bounds is not None and all(self._all_ones(b) for b in set(which)):
-            flat = np.ones(int(bounds[-1]), dtype=values[0].dtype)
-        else:
-            offsets = self.offsets
-            parts = [values[b][offsets[b][s] : offsets[b][s + 1]] for b, s in zip(which, local)]
-            bounds = np.zeros(len(parts) + 1, dtype=np.int64 if self.large else np.int32)
-            np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
-            flat = np.concatenate(parts) if parts else values[0][:0]
-        make = pa.LargeListArray if self.large else pa.ListArray
-        return make.from_arrays(pa.array(bounds), pa.array(flat))
 
 
 class MapDataset(TorchDataset):
@@ -296,74 +101,12 @@ class MapDataset(TorchDataset):
     def _arrow(self) -> dict[str, Any]:
         """The table's record batches, their row offsets, and the indices mapping as numpy (built once)."""
         if self._cache is None:
-            table = self.ds.data.table
-            if self._source_columns != table.column_names:
-                table = table.select(self._source_columns)
-            batches = [b for b in table.to_batches() if b.num_rows]
-            offsets = np.cumsum([0] + [b.num_rows for b in batches])
-            mapping = self.ds._indices  # the view left by select/shuffle/filter: dataset row -> table row
-            index_map = None if mapping is None else mapping.column(0).to_numpy().astype(np.int64, copy=False)
-            features = self.ds.features  # a deep copy on every access: read it once
-            decode = {
-                n for n in table.column_names if getattr(features, "_column_requires_decoding", {}).get(n)
-            }
-            numeric, lists = {}, {}
-            for name in table.column_names:
-                chunks = [b.column(name) for b in batches]
-                if name not in decode and _NumericColumn.usable(chunks):
-                    nested = isinstance(chunks[0], (pa.ListArray, pa.LargeListArray))
-                    twin = next(
-                        (
-                            other
-                            for other, theirs in lists.items()
-                            if type(theirs[0]) is type(chunks[0])
-                            and all(a.offsets.equals(b.offsets) for a, b in zip(theirs, chunks))
-                        ),
-                        None,
-                    )
-                    numeric[name] = _NumericColumn(chunks, twin if nested else None)
-                    if nested:
-                        lists[name] = chunks
-            self._cache = {
-                "numeric": numeric,
-                "table": table,
-                "batches": batches,
-                "offsets": offsets,
-                "index_map": index_map,
-                "features": features,
-                "decode": decode,
-            }
+            self._cache = arrow_cache(self.ds, self._source_columns)
         return self._cache
 
     def _read(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """One read of the given table rows: a dict of single-chunk Arrow arrays, in the given order."""
-        cache = self._arrow()
-        n, first = len(rows), int(rows[0]) if len(rows) else 0
-        if n == 0 or (int(rows[-1]) - first == n - 1 and np.array_equal(rows, np.arange(first, first + n))):
-            part = cache["table"].slice(first, n).combine_chunks()  # a contiguous run (sequential order)
-            return {
-                k: c.chunk(0) if c.num_chunks else pa.array([], c.type)
-                for k, c in zip(part.column_names, part.columns)
-            }
-        # Table.take would concatenate every chunk of a memory-mapped table first. Gather only the rows asked for:
-        # numeric columns from numpy views of each record batch, the others by take (one chunk) or as one-row
-        # slices of their record batches.
-        batches, offsets, numeric = cache["batches"], cache["offsets"], cache["numeric"]
-        which = np.searchsorted(offsets, rows, side="right") - 1
-        w, local = which.tolist(), (rows - offsets[which]).tolist()
-        out: dict[str, pa.Array] = {}
-        for name, column in numeric.items():
-            bounds = out[column.twin].offsets.to_numpy() if column.twin else None
-            out[name] = column.gather(w, local, bounds)
-        others = [name for name in cache["table"].column_names if name not in numeric]
-        if others:
-            if len(batches) == 1:
-                rest = pa.Table.from_batches([batches[0].select(others).take(pa.array(rows))])
-            else:
-                parts = [batches[b].select(others).slice(s, 1) for b, s in zip(w, local)]
-                rest = pa.Table.from_batches(parts).combine_chunks()
-            out.update({name: rest.column(name).chunk(0) for name in others})
-        return {name: out[name] for name in cache["table"].column_names}
+        return read_rows(self._arrow(), rows)
 
     def _decode(self, arrays: dict[str, pa.Array], as_python: bool) -> dict[str, Any]:
         """Python lists for a transform; otherwise the Arrow arrays, decoding only the features that need it
@@ -514,30 +257,6 @@ class MapDataset(TorchDataset):
             else:
                 out[idx] = np.fromiter(map(len, values), dtype=np.int64, count=len(idx))
         return out
-
-
-def _arrow_lengths(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """Row lengths of a list or string column, chunk by chunk, from offsets (nulls count as length 0)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if not chunks:
-        return np.zeros(0, dtype=np.int64)
-    kind = column.type
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        parts = [np.diff(np.asarray(c.offsets, dtype=np.int64)) for c in chunks]
-        lengths = np.concatenate(parts)
-    elif pa.types.is_fixed_size_list(kind):
-        return np.full(sum(len(c) for c in chunks), kind.list_size, dtype=np.int64)
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        lengths = np.concatenate([pc.utf8_length(c).to_numpy(zero_copy_only=False) for c in chunks])
-    else:
-        raise TypeError(
-            f"lengths({name!r}): the column holds {kind}, which has no length per row; pass a list column "
-            "(token ids) or a string column"
-        )
-    if column.null_count:  # offsets of a null row can be anything: define its length as 0
-        nulls = np.concatenate([c.is_null().to_numpy(zero_copy_only=False) for c in chunks])
-        lengths = np.where(nulls, 0, lengths)
-    return lengths.astype(np.int64, copy=False)
 
 
 def to_torch(
