@@ -7,7 +7,7 @@
     anchor 2: the same stream ``.with_format("torch")`` with ``pad_sequence``.
     hf_loop:  ``hl.make_loader(hl.StreamDataset(stream), batch_size=32, collate_fn=hl.PadCollator())``.
 (b) padding waste (padded slots / all slots) without and with stream bucketing, and with a token budget.
-(c) resume late in the epoch (90% of the batches consumed): hf_loop's load_state_dict + first batch vs replaying
+(c) resume late in the epoch (90% of the batches consumed): hf_loop's load_state_dict + first batch vs replay
     the consumed batches to get there (what skip-based resume does). Target <= 0.2x.
 
 Run: python benchmarks/stream.py [--rows 20000] [--repeat 3] [--out benchmarks/results/stream.md]
@@ -183,8 +183,9 @@ def main() -> None:
     report = [
         f"# Stream benchmark ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {machine()}. {args.rows} pre-tokenized rows (lognormal lengths, median 100, sigma 0.8, 8..512) in "
-        f"{FILES} parquet files (row groups of {ROW_GROUP}), read with `load_dataset(..., streaming=True)`; batch "
+        f"Machine: {machine()}. {args.rows} pre-tokenized rows (lognormal lengths, median 100, sigma 0.8, "
+        f"8..512) in {FILES} parquet files (row groups of {ROW_GROUP}), read with "
+        f"`load_dataset(..., streaming=True)`; batch "
         f"{BATCH}, num_workers=0. Throughput is samples per CPU-second of the process (best of {args.repeat} "
         "alternating rounds), because other jobs shared the 2 cores; resume times are wall-clock, best of "
         f"{args.repeat}. Command: `python benchmarks/stream.py --out benchmarks/results/stream.md`.",

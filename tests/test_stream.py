@@ -1,4 +1,4 @@
-"""StreamDataset: shard plans, exactly once over ranks x workers x shard counts, bucketing, transforms, errors."""
+"""StreamDataset: shard plans, exactly once over ranks x workers x shards, bucketing, transforms, errors."""
 
 from __future__ import annotations
 

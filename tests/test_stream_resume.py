@@ -1,4 +1,4 @@
-"""StreamDataset through hl.make_loader: exact resume, epochs with persistent workers, equal steps on 2 ranks."""
+"""StreamDataset through hl.make_loader: exact resume, epochs in persistent workers, equal steps, 2 ranks."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """``StreamDataset``: a streamed Hugging Face dataset as exact, resumable, bucketed torch batches.
 
 Layout: ``plan.py`` (which reader reads which shards), ``source.py`` (reading a shard from a row on, and a
-reader's cursor over its shards), ``reader.py`` (the bound IterableDataset the DataLoader runs: windows, mixing,
-shuffle, transform, bucketing), ``tracker.py`` (canonical batch order, consumed positions, resume state).
+reader's cursor over its shards), ``reader.py`` (the bound IterableDataset the DataLoader runs: windows,
+mixing, shuffle, transform, bucketing), ``tracker.py`` (canonical batch order, consumed positions, resume).
 """
 
 from __future__ import annotations
@@ -51,27 +51,28 @@ class StreamDataset(IterableDataset):
         ds: the stream, e.g. ``datasets.load_dataset("parquet", data_files=..., streaming=True)["train"]``.
             Do not ``.shuffle()`` or ``split_dataset_by_node`` it first: StreamDataset does both itself.
         transform: ``fn(batch) -> batch`` with ``set_transform`` semantics (a dict of columns as Python lists
-            in, a dict of columns out, one value per row), called once per window; ``fn(batch, rng)`` also gets a
-            numpy Generator seeded from (seed, epoch, reader, window).
+            in, a dict of columns out, one value per row), called once per window; ``fn(batch, rng)`` also
+            gets a numpy Generator seeded from (seed, epoch, reader, window).
         columns: columns to keep, chosen after the transform. None keeps all.
         shuffle_buffer: examples per shuffle window; 0 keeps the file order.
         seed: seeds the shard order and the window permutations.
         rename_label: rename ``label`` to ``labels`` (transformers' name).
         bucket: a list column (e.g. "input_ids") to group batches by length within each window, so streamed
-            batches carry little padding. Token-budget batches (``max_tokens``) bucket by "input_ids" unless told.
-        window: examples per window when ``shuffle_buffer`` is 0 (default: 50 batches when bucketing, else 1024
-            examples). Windows are rounded up to whole batches. A resume re-reads at most one window.
+            batches carry little padding. Token budgets (``max_tokens``) bucket by "input_ids" unless told.
+        window: examples per window when ``shuffle_buffer`` is 0 (default: 50 batches when bucketing, else
+            1024 examples). Windows are rounded up to whole batches. A resume re-reads at most one window.
         split_examples: when there are fewer shards (and row groups) than readers, let every reader read all
             shards and keep 1 example in N (slower: each reader reads everything). Off: that is an error.
-        weights: mix several streams (``ds`` a list of them, same columns): each window takes from each source
-            a share drawn with these weights (from seed, epoch, reader, window); a source that runs dry hands its
-            share to the others, so every example of every source is still read exactly once per epoch — the
-            weights set how densely the sources interleave, not how often an example repeats. Equal weights
-            when ``ds`` is a list and ``weights`` is None.
+        weights: mix several streams (``ds`` a list of them, same columns): each window takes from each
+            source a share drawn with these weights (from seed, epoch, reader, window); a source that runs dry
+            hands its share to the others, so every example of every source is still read exactly once per
+            epoch — the weights set how densely the sources interleave, not how often an example repeats.
+            Equal weights when ``ds`` is a list and ``weights`` is None.
 
     Example:
         >>> from datasets import load_dataset
-        >>> hf = load_dataset("parquet", data_files="data/*.parquet", split="train", streaming=True)  # doctest: +SKIP
+        >>> hf = load_dataset("parquet", data_files="data/*.parquet", split="train",
+        ...                   streaming=True)                                               # doctest: +SKIP
         >>> stream = StreamDataset(hf, shuffle_buffer=10_000, bucket="input_ids", seed=0)   # doctest: +SKIP
         >>> print(stream.plan(num_workers=2, world_size=2))                                 # doctest: +SKIP
         >>> loader = hl.make_loader(stream, batch_size=32, num_workers=2)                   # doctest: +SKIP
@@ -272,8 +273,8 @@ class StreamDataset(IterableDataset):
             wrong = {k: _column_len(v) for k, v in out.items() if _column_len(v) != table.num_rows}
             if wrong:
                 raise DataError(
-                    f"the transform {_describe(self.transform)} got {table.num_rows} rows but returned columns "
-                    f"of lengths {wrong}; it must return one value per input row"
+                    f"the transform {_describe(self.transform)} got {table.num_rows} rows but returned "
+                    f"columns of lengths {wrong}; it must return one value per input row"
                 )
         if self.rename_label and "label" in out:
             if "labels" in out:

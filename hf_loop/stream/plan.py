@@ -57,9 +57,9 @@ def check_source(ds: Any) -> None:
     mixed = [name for name in names if name in _MIXING]
     if mixed:
         raise DataError(
-            f"a stream mixed by datasets.interleave_datasets ({mixed[0]}) is not supported: its source choice "
-            "is a random state that cannot be split exactly once over readers or resumed exactly. Mix the "
-            "sources with StreamDataset([a, b], weights=[...]) instead, which keeps both guarantees"
+            f"a stream mixed by datasets.interleave_datasets ({mixed[0]}) is not supported: its source "
+            "choice is a random state that cannot be split exactly once over readers or resumed exactly. Mix "
+            "the sources with StreamDataset([a, b], weights=[...]) instead, which keeps both guarantees"
         )
 
 
@@ -132,11 +132,11 @@ def layout_for(ds: Any, world_size: int, num_workers: int, *, split_examples: bo
             else:
                 fewer = f"no worker count helps with fewer shards than the {world_size} ranks; "
             raise DataError(
-                f"the stream has {ds.num_shards} shard(s) ({source.num_shards} after splitting into row groups) "
-                f"but world_size={world_size} x num_workers={num_workers} = {readers} readers, so "
-                f"some readers would get no shard. Fix: {fewer}write the data in more files (or smaller parquet row "
-                "groups), or pass split_examples=True to split by example instead (every reader then reads all "
-                f"{source.num_shards} shard(s) and keeps 1 example in {readers})"
+                f"the stream has {ds.num_shards} shard(s) ({source.num_shards} after splitting into row "
+                f"groups) but world_size={world_size} x num_workers={num_workers} = {readers} readers, so "
+                f"some readers would get no shard. Fix: {fewer}write the data in more files (or smaller "
+                "parquet row groups), or pass split_examples=True to split by example instead (every reader "
+                f"then reads all {source.num_shards} shard(s) and keeps 1 example in {readers})"
             )
         warnings.warn(
             f"StreamDataset: {source.num_shards} shard(s) for {readers} readers; splitting by example "
@@ -149,7 +149,7 @@ def layout_for(ds: Any, world_size: int, num_workers: int, *, split_examples: bo
 
 
 def shard_order(layout: Layout, seed: int, epoch: int, shuffle: bool, source: int = 0) -> np.ndarray:
-    """The epoch's shard order: a permutation from (seed, epoch[, source]) when shuffling, else the file order."""
+    """The epoch's shard order: a permutation from (seed, epoch[, source]) when shuffling, else file order."""
     if not shuffle:
         return np.arange(layout.shards)
     key = [seed, epoch] if source == 0 else [seed, epoch, source]
@@ -215,7 +215,8 @@ class StreamPlan:
 
     def __str__(self) -> str:
         head = (
-            f"shard plan, epoch {self.epoch}: {self.world_size} rank(s) x {max(self.num_workers, 1)} reader(s) "
+            f"shard plan, epoch {self.epoch}: {self.world_size} rank(s) x {max(self.num_workers, 1)} "
+            "reader(s) "
             f"over {self.shards} {'row groups' if self.mode == 'row groups' else 'shards'}"
             + (" (every reader reads all shards, keeps 1 example in N)" if self.mode == "examples" else "")
         )

@@ -1,10 +1,11 @@
-"""A StreamDataset bound to (rank, world size, workers, batch size): the torch IterableDataset the DataLoader runs.
+"""A StreamDataset bound to (rank, world size, workers, batch size): the IterableDataset a DataLoader runs.
 
-Each reader (one DataLoader worker, or the main process) reads its shards of the plan as Arrow tables, cuts its
-stream into windows of ``window`` examples, permutes each window from (seed, epoch, reader, window), runs the
-transform once per window, groups the window's examples into batches (by length when bucketing), and yields
-whole batches. Every item carries ``meta`` = (reader, epoch, kind, window, shard position, row offset, batches
-done): the position to resume from after it, which the tracker in the main process records.
+Each reader (one DataLoader worker, or the main process) reads its shards of the plan as Arrow tables, cuts
+its stream into windows of ``window`` examples (drawn from several sources by weight when mixing), permutes
+each window from (seed, epoch, reader, window), runs the transform once per window, groups the window's
+examples into batches (by length when bucketing), and yields whole batches. Every batch carries ``meta`` =
+(reader, epoch, kind, window, (shard position, row offset) per source, batches done): the position to resume
+from after it, which the tracker in the main process records.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The main-process side of a bound stream: canonical batch order, consumed positions, epoch and resume state.
 
-The canonical order of a rank's batches is round-robin over its readers (reader 0, 1, ..., skipping readers that
-ended), which is also the order torch's DataLoader delivers them in from the epoch's start. After a resume the
-DataLoader starts again at worker 0 while the next canonical batch may belong to another reader, so
-:meth:`StreamTracker.iterate` keeps a small per-reader buffer and always yields the canonical next batch.
+The canonical order of a rank's batches is round-robin over its readers (reader 0, 1, ..., skipping readers
+that ended), which is also the order torch's DataLoader delivers them in from the epoch's start. After a
+resume the DataLoader starts again at worker 0 while the next canonical batch may belong to another reader,
+so :meth:`StreamTracker.iterate` keeps a small per-reader buffer and always yields the canonical next batch.
 Readers' short last batches ("tails") are merged here, after every reader ended, into full batches.
 """
 
