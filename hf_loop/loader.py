@@ -397,9 +397,10 @@ def make_loader(
     collate_fn = collate_fn or PadCollator()
 
     if hasattr(dataset, "bind"):  # a StreamDataset: it yields whole batches itself
-        if sampler is not None or options:
+        ordering = sorted(set(options) - {"max_tokens"})  # a token budget is a batching choice, not an order
+        if sampler is not None or ordering:
             raise ValueError(
-                f"a StreamDataset orders itself; got sampler={sampler!r} {sorted(options) or ''}. Shuffle a stream "
+                f"a StreamDataset orders itself; got sampler={sampler!r} {ordering or ''}. Shuffle a stream "
                 "with StreamDataset(..., shuffle_buffer=N, seed=S) instead of a sampler"
             )
         if batch_size is None and "max_tokens" not in options:

@@ -248,3 +248,28 @@ def test_length_grouping_refuses_a_resume_with_another_global_batch():
     fresh = build("length", env=hl.DistEnv(rank=0, world_size=3), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"), pytest.warns(UserWarning, match="global batch"):
         fresh.load_state_dict(old.state_dict())
+
+
+def _stream(tmp_path):
+    from datasets import load_dataset
+
+    for shard in range(2):
+        tokenized().select(range(shard * 20, shard * 20 + 20)).to_parquet(
+            str(tmp_path / f"part-{shard}.parquet")
+        )
+    files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
+    return hl.StreamDataset(load_dataset("parquet", data_files=files, split="train", streaming=True))
+
+
+def test_a_stream_takes_a_token_budget_but_refuses_a_sampler(tmp_path):
+    stream = _stream(tmp_path)
+    loader = hl.make_loader(stream, max_tokens=120)
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == 40
+    assert all(b["input_ids"].numel() <= 120 for b in batches)
+    with pytest.raises(TypeError, match="no length"):
+        len(loader)
+    with pytest.raises(ValueError, match="orders itself.*shuffle_buffer"):
+        hl.make_loader(stream, batch_size=4, sampler="random")
+    with pytest.raises(ValueError, match=r"orders itself.*\['weights'\]"):
+        hl.make_loader(stream, batch_size=4, weights=[1.0] * 40)
