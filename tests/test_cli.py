@@ -202,3 +202,13 @@ def test_finetune_string_labels_from_a_data_file(tmp_path, capsys):
     text = run_finetune(tmp_path, capsys, *args)
     assert "text 'review', label 'sentiment' (3 classes: neg, neutral, pos)" in text
     assert "majority-class baseline" in text and "always 'neg'" in text
+
+
+def test_finetune_pretrained_model_from_a_folder(tmp_path, capsys):
+    from hf_loop import demo
+
+    tokenizer = demo.train_tokenizer()
+    demo.make_model(tokenizer, num_labels=2).save_pretrained(tmp_path / "pretrained")  # another head size
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    text = run_finetune(tmp_path, capsys, "--model", str(tmp_path / "pretrained"))
+    assert f"model: {tmp_path / 'pretrained'} - 125,123 parameters" in text and "lr 5e-05" in text
