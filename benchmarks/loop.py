@@ -36,12 +36,12 @@ import hf_loop as hl  # noqa: E402
 BATCH, MAX_LEN, VOCAB = 32, 64, 1000
 
 
-def tiny_model(hidden: int = 32, layers: int = 2, vocab: int = VOCAB):
+def tiny_model(hidden: int = 32, layers: int = 2, vocab: int = VOCAB, heads: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=512, num_labels=2,
     )  # fmt: skip
     return BertForSequenceClassification(config)
@@ -136,7 +136,7 @@ def input_stall(steps: int) -> str:
     loader = hl.make_loader(data, batch_size=BATCH, sampler="random", collate_fn=hl.PadCollator(max_length=128),
                             seed=0, env=env,
                             num_workers=2, pin_memory=True, persistent_workers=True)  # fmt: skip
-    model = tiny_model(hidden=768, layers=12, vocab=30_000).to(device)  # BERT-base size
+    model = tiny_model(hidden=768, layers=12, vocab=30_000, heads=12).to(device)  # BERT-base size
     resident = [{k: v.to(device) for k, v in b.items()} for b in loader]
 
     def on_device() -> float:

@@ -133,8 +133,8 @@ class _Run:
     def step(self, micro: list[dict[str, Any]], log_now: bool) -> tuple[torch.Tensor | None, bool]:
         """Forward/backward over one optimizer step's micro-batches, then the optimizer step itself."""
         config = self.config
-        factor = accumulate(micro, model=self.model, inputs=self.inputs, loss_fn=self.loss_fn, scaler=self.scaler,
-                            config=config, env=self.env, window=self.window)  # fmt: skip
+        factor, losses = accumulate(micro, model=self.model, inputs=self.inputs, loss_fn=self.loss_fn,
+                                    scaler=self.scaler, config=config, env=self.env)  # fmt: skip
         norm, skipped = optimizer_step(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                                        params=self.params, config=config, factor=factor, want_norm=log_now)  # fmt: skip
         if skipped:
@@ -150,7 +150,9 @@ class _Run:
                     f"{self.progress['step'] + 1}); lower the learning rate, use bf16 instead of fp16, or set "
                     "max_grad_norm"
                 )
-        else:
+        else:  # a skipped step's (non-finite) loss stays out of the logs
+            for (loss_sum, count), batch in zip(losses, micro):
+                self.window.add(loss_sum, count, batch)
             self.progress["step"] += 1
             self.progress.pop("bad_steps", None)
         return norm, skipped

@@ -240,7 +240,7 @@ def call_loss_fn(
             count.to(loss_sum.device) if isinstance(count, torch.Tensor) else scalar(count, loss_sum.device)
         )
         return loss_sum, count
-    if not isinstance(result, torch.Tensor) or result.dim() != 0:
+    if not isinstance(result, torch.Tensor):
         raise TypeError(
             f"loss_fn must return a scalar tensor or (loss_sum, count), got {type(result).__name__}"
         )
@@ -315,19 +315,19 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch
 
 
 def accumulate(
-    micro: list[dict], *, model, inputs: ModelInputs, loss_fn, scaler, config, env: DistEnv, window: Window
-) -> torch.Tensor | None:
+    micro: list[dict], *, model, inputs: ModelInputs, loss_fn, scaler, config, env: DistEnv
+) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Forward and backward over one optimizer step's micro-batches, each weighted by its share of targets.
 
     Returns the factor the gradients still need when ``loss_fn`` reports its own counts (known only after the
-    forward passes), else None.
+    forward passes, else None), and each micro-batch's (loss sum, target count) for logging.
     """
     device = env.device
     counts = [count_targets(b.get("labels"), inputs.kind, batch_size_of(b), device) for b in micro]
     # The global number of targets over micro-batches and ranks: every micro-batch's loss sum is divided by it,
     # so padding-heavy micro-batches weigh what their targets weigh. DDP averages gradients over ranks, hence * W.
     total = all_reduce(torch.stack(counts).sum(), env).clamp(min=1)
-    reported = []
+    reported, losses = [], []
     for i, batch in enumerate(micro):
         is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         # Gradients are all-reduced only on the last micro-batch; earlier ones accumulate locally (no_sync).
@@ -344,6 +344,10 @@ def accumulate(
                     loss, count = loss_of(outputs), None
                     if loss is None:
                         raise missing_loss_error(batch, model)
+            if loss.numel() != 1:
+                raise ValueError(f"the loss must be a single number, got a tensor of shape {tuple(loss.shape)}; "
+                                 "reduce it (mean or sum) in the model or loss_fn")  # fmt: skip
+            loss = loss.reshape(())
             if count is not None:  # divided by the global count after backward, once it is known
                 loss_sum, scaled = loss, loss
                 reported.append(count.to(device))
@@ -353,11 +357,11 @@ def accumulate(
                 loss_sum = loss * counts[i]
                 scaled = loss_sum * (env.world_size / total)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        window.add(loss_sum, count if count is not None else counts[i], batch)
+        losses.append((loss_sum.detach(), count if count is not None else counts[i]))
     if not reported:
-        return None
+        return None, losses
     # DDP averaged the gradients of the loss sums over ranks; * W / global count makes them the global mean.
-    return env.world_size / all_reduce(torch.stack(reported).sum(), env).clamp(min=1)
+    return env.world_size / all_reduce(torch.stack(reported).sum(), env).clamp(min=1), losses
 
 
 def optimizer_step(

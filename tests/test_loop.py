@@ -209,6 +209,51 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_clear_error():
         )
 
 
+class FirstStepExplodes(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    def forward(self, input_ids, labels):
+        self.calls += 1
+        scale = float("inf") if self.calls == 1 else 1.0
+        return {"loss": (self.w * input_ids.float().mean() * scale - labels.float().mean()) ** 2}
+
+
+def test_a_skipped_step_is_reported_and_kept_out_of_the_logs(caplog):
+    model = FirstStepExplodes()
+    records = []
+    result = hl.train(model, loader(classification_dataset(32), batch_size=4),
+                      torch.optim.SGD(model.parameters(), lr=1e-4), cfg(max_steps=3, max_bad_steps=2, log_every=1),
+                      on_log=records.append)  # fmt: skip
+    assert "step 1: non-finite gradient norm, step skipped (1 in a row)" in caplog.text
+    assert result.steps == 3 and model.calls == 4  # the skipped step's batch was used, but no step counted
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_a_loss_that_is_not_one_number_is_an_error():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"the loss must be a single number, got a tensor of shape \(4,\)"):
+        hl.train(model, loader(classification_dataset(8), batch_size=4), torch.optim.SGD(model.parameters(), lr=0.1),
+                 cfg(max_steps=1), loss_fn=lambda out, batch: out.logits[:, 0])  # fmt: skip
+
+
+def test_loss_fn_must_return_a_tensor_or_a_pair():
+    model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        TypeError, match=r"loss_fn must return a scalar tensor or \(loss_sum, count\), got float"
+    ):
+        hl.train(model, loader(classification_dataset(8)), opt, cfg(max_steps=1), loss_fn=lambda out, b: 0.5)
+    with pytest.raises(
+        ValueError, match=r"loss_fn must return a scalar loss or \(loss_sum, count\), got a 3-tuple"
+    ):
+        hl.train(
+            model, loader(classification_dataset(8)), opt, cfg(max_steps=1), loss_fn=lambda out, b: (1, 2, 3)
+        )
+
+
 def test_stream_without_max_steps_is_refused():
     from datasets import Dataset
 
