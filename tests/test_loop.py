@@ -311,6 +311,52 @@ def test_cuda_precision_and_staging(precision):
     assert predictions.shape == (32,)
 
 
+class BagOfEmbeddings(torch.nn.Module):
+    """Plain torch, no data-dependent Python branches: any host sync in a step comes from the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask, labels):
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        return {"loss": torch.nn.functional.cross_entropy(self.head(pooled), labels)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_step_makes_no_host_sync():
+    from hf_loop.steps import ModelInputs, Window, accumulate, optimizer_step, staged
+
+    device = torch.device("cuda", 0)
+    env = hl.DistEnv(device=device)
+    model = BagOfEmbeddings().to(device)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    config, inputs, window = cfg(), ModelInputs(model), Window(device)
+    batches = staged(list(loader(classification_dataset(16), batch_size=4, pin_memory=True, env=env)), device)
+
+    def one_step() -> None:
+        micro = [next(batches)]
+        factor, losses = accumulate(micro, model=model, inputs=inputs, loss_fn=None, scaler=None, config=config,
+                                    env=env)  # fmt: skip
+        optimizer_step(optimizer=opt, scheduler=None, scaler=None, params=params, config=config, factor=factor,
+                       want_norm=False)  # fmt: skip
+        for (loss_sum, count), batch in zip(losses, micro):
+            window.add(loss_sum, count, batch)
+
+    one_step()  # warm-up: CUDA context, kernels, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        one_step()
+        one_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert window.flush(env)["samples"] == 12
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     model = tiny_bert()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing improves after the first evaluation
