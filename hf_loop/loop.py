@@ -266,7 +266,9 @@ def train(
     """Train ``model``; resume from the newest checkpoint in ``config.out_dir`` when there is one.
 
     Under ``torchrun`` pass ``env=hl.init_distributed()`` and a loader built with ``make_loader(env=env)``: the
-    model is wrapped in DistributedDataParallel, rank 0 logs and writes checkpoints.
+    model is wrapped in DistributedDataParallel, rank 0 logs and writes checkpoints. On SIGTERM (preemption)
+    a checkpoint is written at the next optimizer step (under DDP: the next log step, where the ranks agree)
+    and ``train`` returns with ``stop_reason="sigterm"``; the same command resumes.
 
     Args:
         loss_fn: ``fn(outputs, batch)`` returning the mean loss, or ``(loss_sum, count)``; default: the model's
