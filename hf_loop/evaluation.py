@@ -142,8 +142,14 @@ def _run(
                         )
                     else:
                         out["pred"].extend(_rows(value, mask))
-                if keep_labels and isinstance(batch.get("labels"), torch.Tensor):
-                    out["labels"].extend(_rows(batch["labels"], mask if batch["labels"].dim() >= 2 else None))
+                if keep_labels:
+                    labels = batch.get("labels")
+                    if not isinstance(labels, torch.Tensor):
+                        raise ValueError(
+                            f"metrics compare predictions with 'labels', but an eval batch has none (keys: "
+                            f"{sorted(batch)}); add a 'labels' column to the eval data or drop metrics="
+                        )
+                    out["labels"].extend(_rows(labels, mask if labels.dim() >= 2 else None))
                 if keep_loss:
                     _add_loss(out, outputs, batch, inputs.kind, problem, loss_fn, size)
     finally:
@@ -165,7 +171,8 @@ def _add_loss(out, outputs, batch, kind, problem, loss_fn, size: int) -> None:
         out["exact"] = False
         return
     loss = loss_of(outputs)
-    if loss is None:
+    if loss is None:  # e.g. a batch without labels: the per-example rows would no longer line up
+        out["exact"] = False
         return
     per_example = _example_losses(outputs, batch, kind, problem) if out["exact"] else None
     n = count_targets(batch.get("labels"), kind, size, torch.device("cpu"))

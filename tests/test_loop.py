@@ -400,6 +400,15 @@ def test_evaluate_loss_matches_the_model_and_metrics_are_in_dataset_order():
     assert result["labels_in_order"] == 1.0 and result["examples"] == 20
 
 
+def test_metrics_without_labels_are_an_error():
+    ds = hl.MapDataset(__import__("datasets").Dataset.from_dict({"input_ids": token_rows(8)["input_ids"]}))
+    with pytest.raises(
+        ValueError, match=r"metrics compare predictions with 'labels', but an eval batch has none"
+    ):
+        hl.evaluate(tiny_bert(), loader(ds), metrics={"accuracy": lambda p, y: 0.0})
+    assert hl.evaluate(tiny_bert(), loader(ds)) == {"examples": 8.0}  # no labels, no loss: nothing to average
+
+
 def test_predict_is_in_dataset_order_with_reduce_and_trimmed_sequences():
     model = tiny_llama()
     ds = lm_dataset(10)
@@ -410,8 +419,25 @@ def test_predict_is_in_dataset_order_with_reduce_and_trimmed_sequences():
     assert all(torch.equal(a, b) for a, b in zip(ordered, shuffled))
     last = hl.predict(model, loader(ds, batch_size=4), reduce=lambda out, batch: out.logits[:, -1, :3])
     assert last.shape == (10, 3)
+    both = hl.predict(model, loader(ds, batch_size=4), reduce=lambda out, b: {"top": out.logits.argmax(-1),
+                                                                               "first": out.logits[:, 0, :2]})  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(both["top"], ordered)) and both["first"].shape == (10, 2)
     with pytest.raises(ValueError, match="reduce must be None, 'argmax' or a callable"):
         hl.predict(model, loader(ds), reduce="max")
+
+
+def test_evaluate_with_a_summing_loss_fn_matches_the_model_loss():
+    model = tiny_bert()
+    ds = classification_dataset(20)
+
+    def summed(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="sum"), len(
+            batch["labels"]
+        )
+
+    plain = hl.evaluate(model, loader(ds, batch_size=6))
+    custom = hl.evaluate(model, loader(ds, batch_size=6), loss_fn=summed)
+    assert custom["loss"] == pytest.approx(plain["loss"], rel=1e-5)
 
 
 def test_count_parameters_with_frozen_parts_and_gradient_checkpointing():
