@@ -314,7 +314,8 @@ def train(
     resumed_from = checkpoint.latest(config.out_dir)
     if config.out_dir is not None:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temporaries(config.out_dir)  # half-written files of a killed run
+        if env.is_main:  # rank 0 alone writes, so it alone cleans up what a killed writer left
+            checkpoint.remove_stale_temporaries(config.out_dir)
         run.identity = checkpoint.run_identity(raw, train_loader)
     if resumed_from is not None:
         run.resume(resumed_from)
