@@ -24,7 +24,7 @@ import torch
 
 from hf_loop import checkpoint
 from hf_loop.config import TrainConfig, TrainResult
-from hf_loop.dist import DistEnv, all_reduce, default_device, even_steps
+from hf_loop.dist import DistEnv, all_reduce, broadcast_object, default_device, even_steps
 from hf_loop.evaluation import ParameterTable, count_parameters, evaluate, predict
 from hf_loop.steps import (
     ModelInputs,
@@ -311,7 +311,13 @@ def train(
 
     # -- resume: the newest complete checkpoint, refused when it belongs to another model or dataset
     torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks, as with one seed per GPU
-    resumed_from = checkpoint.latest(config.out_dir)
+    # Rank 0 decides which checkpoint every rank resumes from, so no rank can pick another file.
+    resumed_from = broadcast_object(checkpoint.latest(config.out_dir), env)
+    if resumed_from is not None and not resumed_from.exists():
+        raise FileNotFoundError(
+            f"rank {env.rank} cannot see {resumed_from}, the checkpoint rank 0 resumes from: out_dir must be on a "
+            "filesystem every node shares"
+        )
     if config.out_dir is not None:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
         if env.is_main:  # rank 0 alone writes, so it alone cleans up what a killed writer left
