@@ -72,8 +72,8 @@ def load(
 
     Example:
         >>> train = load("stanfordnlp/imdb", split="train")                    # doctest: +SKIP
-        >>> stream = load("./my_data", split="train", streaming=True)          # Hub-layout folder
-        >>> ds = load("parquet", data_files={"train": "data/*.parquet"})       # builder + files
+        >>> stream = load("./my_data", split="train", streaming=True)          # doctest: +SKIP
+        >>> ds = load("parquet", data_files={"train": "data/*.parquet"})       # doctest: +SKIP
     """
     if "trust_remote_code" in load_kwargs:
         raise DataError(

@@ -335,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "finetune" and args.streaming and args.max_steps is None:
         parser.error("finetune --streaming needs --max-steps N: a stream has no length to count epochs by")
+    if args.command == "finetune" and args.streaming and args.dataset is None:
+        parser.error(
+            "finetune --streaming needs --dataset NAME_OR_PATH; the embedded demo dataset is map-style"
+        )
     if args.command == "finetune" and args.streaming and args.sampler == "weighted":
         parser.error("finetune --sampler weighted needs map-style data to weight; drop --streaming")
     try:
