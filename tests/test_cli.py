@@ -212,3 +212,24 @@ def test_finetune_pretrained_model_from_a_folder(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path / "pretrained")
     text = run_finetune(tmp_path, capsys, "--model", str(tmp_path / "pretrained"))
     assert f"model: {tmp_path / 'pretrained'} - 125,123 parameters" in text and "lr 5e-05" in text
+
+
+def _finetune_on_rank(env, out_dir: str) -> str:
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["finetune", "--num-rows", "200", "--batch-size", "8", "--max-steps", "3", "--log-every", "3",
+                     "--sampler", "weighted", "--out-dir", out_dir])  # fmt: skip
+    assert code == 0
+    return printed.getvalue()
+
+
+def test_finetune_runs_unchanged_on_two_processes(tmp_path):
+    from distributed import run_distributed
+
+    rank0, rank1 = run_distributed(_finetune_on_rank, 2, (str(tmp_path / "ddp"),), timeout=240)
+    assert "batch 8 x 2 rank(s)" in rank0 and re.search(r"eval accuracy\s+\d\.\d+ on 20 examples", rank0)
+    assert rank1 == ""  # only rank 0 prints
+    assert (tmp_path / "ddp" / "metrics.jsonl").is_file() and (tmp_path / "ddp" / "final").is_dir()
