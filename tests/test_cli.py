@@ -157,10 +157,13 @@ def test_finetune_on_a_hub_folder_carves_validation(hub_folder, tmp_path, capsys
     assert "(2 classes: 0, 1)" in text
 
 
-def test_finetune_streaming(hub_folder, tmp_path, capsys):
-    text = run_finetune(tmp_path, capsys, "--dataset", str(hub_folder), "--streaming")
+@pytest.mark.parametrize("sampler", ["length", "tokens"])
+def test_finetune_streaming(sampler, hub_folder, tmp_path, capsys):
+    text = run_finetune(tmp_path, capsys, "--dataset", str(hub_folder), "--streaming", "--sampler", sampler)
     assert "data: " in text and " - stream, " in text and "held out by a hash of 'text'" in text
-    assert "shard plan, epoch 0: 1 rank(s)" in text and "sampler length" in text
+    assert "shard plan, epoch 0: 1 rank(s)" in text and f"sampler {sampler}" in text
+    if sampler == "tokens":
+        assert re.search(r"sampler tokens \(max_tokens \d+\)", text)
     assert re.search(r"step\s+4/4\s+loss", text)
     with pytest.raises(SystemExit):
         main(
