@@ -293,6 +293,21 @@ def test_bf16_autocast_on_cpu():
     assert model.classifier.weight.dtype == torch.float32  # master weights stay fp32
 
 
+def test_fp16_uses_a_grad_scaler_that_is_checkpointed_and_restored(tmp_path):
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters())
+    first = hl.train(model, loader(classification_dataset(16)), opt,
+                     cfg(max_steps=1, precision="fp16", out_dir=tmp_path, export=False))  # fmt: skip
+    scaler = torch.load(first.checkpoint, weights_only=True)["scaler"]
+    assert scaler["scale"] > 1 and "_growth_tracker" in scaler  # only fp16 gets a GradScaler
+    second = hl.train(model, loader(classification_dataset(16)), opt,
+                      cfg(max_steps=2, precision="fp16", out_dir=tmp_path, export=False))  # fmt: skip
+    assert second.resumed_from == first.checkpoint and math.isfinite(second.last_loss)
+    bf16 = hl.train(model, loader(classification_dataset(16)), opt,
+                    cfg(max_steps=1, precision="bf16", out_dir=tmp_path / "bf16"))  # fmt: skip
+    assert torch.load(bf16.checkpoint, weights_only=True)["scaler"] is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_precision_and_staging(precision):
