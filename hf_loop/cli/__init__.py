@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hub id, local folder or data file (default: the embedded demo)",
     )
     data.add_argument("--config", metavar="NAME", help="dataset configuration (subset) name")
-    data.add_argument("--split", metavar="NAME", help="training split (default: train)")
+    data.add_argument(
+        "--split", metavar="NAME", help="training split, or a slice such as 'train[:2000]' (default: train)"
+    )
     data.add_argument(
         "--text-column",
         metavar="NAME",

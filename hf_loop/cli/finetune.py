@@ -124,6 +124,9 @@ def load_data(args: Namespace) -> Data:
             demo.make_dataset(args.num_rows, seed=args.seed),
             f"embedded demo ({args.num_rows} rows)",
         )
+    elif args.split is not None and any(c in args.split for c in "[+"):  # "train[:2000]": that slice only
+        loaded = hl.load(args.dataset, args.config, split=args.split, streaming=args.streaming)
+        source = f"{args.dataset} [{args.split}]"
     else:
         loaded, source = hl.load(args.dataset, args.config, streaming=args.streaming), args.dataset
     val = None
@@ -194,7 +197,7 @@ def _label_ids(data: Data, ds: Any) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def build_model(args: Namespace, data: Data, env: DistEnv) -> tuple[Any, Any]:
+def build_model(args: Namespace, data: Data) -> tuple[Any, Any]:
     """The tokenizer and the model: pretrained from ``--model``, else a tiny BERT with an in-process tokenizer."""
     num_labels = len(data.label_names)
     if args.model is None:
@@ -301,7 +304,7 @@ def default_out_dir(env: DistEnv) -> str:
 def run(args: Namespace, env: DistEnv, say: Callable[[str], None]) -> dict[str, Any]:
     """Train and evaluate; returns the numbers of the final summary."""
     data = load_data(args)
-    tokenizer, model = build_model(args, data, env)
+    tokenizer, model = build_model(args, data)
     train_loader, eval_loader, info = build_loaders(args, data, tokenizer, env)
     val_labels = torch.tensor(_label_ids(data, data.val))
     if data.streaming:
@@ -346,7 +349,6 @@ def run(args: Namespace, env: DistEnv, say: Callable[[str], None]) -> dict[str, 
         "seconds": seconds,
         "info": info,
         "out_dir": args.out_dir,
-        "lr": lr,
     }
 
 
