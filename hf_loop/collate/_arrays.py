@@ -21,6 +21,14 @@ def _out_dtype(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
+def _all_ones_flat(flat: np.ndarray) -> bool:
+    """Every value is 1. One-byte values (the int8 masks datasets stores) are counted by ``bytes.count`` in C,
+    with no temporary comparison array."""
+    if flat.dtype.itemsize == 1 and flat.dtype.kind in "biu":
+        return flat.tobytes().count(1) == len(flat)
+    return bool((flat == 1).all())
+
+
 def _row_mask(kept: np.ndarray, width: int, side: str) -> np.ndarray:
     """(rows, width) bool: True at real positions. Small integer types make the broadcast compare ~2x faster."""
     small = np.int16 if width < 2**15 else np.int64

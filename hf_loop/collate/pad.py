@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_loop.collate._arrays import LABEL_PAD, _check_pad, _out_dtype, _row_mask, _truncate
+from hf_loop.collate._arrays import LABEL_PAD, _all_ones_flat, _check_pad, _out_dtype, _row_mask, _truncate
 from hf_loop.collate._fields import _all_ones, _Arrays, _PassThrough, _Ragged, _read, _rows_of, _Stack
 
 
@@ -110,7 +110,7 @@ class PadCollator:
         columns, n = _rows_of(batch)
         out: dict[str, Any] = {}
         padded: dict[str, np.ndarray] = {}  # field -> (rows, width) bool mask of real positions
-        masks: list[tuple[np.ndarray, int, np.ndarray]] = []  # fields with equal lengths share one mask
+        masks: list[tuple[bytes, int, np.ndarray]] = []  # fields with equal lengths share one mask
         for name, values in columns.items():
             field = (_all_ones(values) if name == self.attention_mask else None) or _read(name, values)
             if isinstance(field, _PassThrough):
@@ -151,13 +151,12 @@ class PadCollator:
         width = self._width(longest)
         field = _truncate(field, width, self.truncation_side, longest)
         lengths = field.lengths
-        mask = next(
-            (m for lens, w, m in masks if w == width and (lens is lengths or (lens == lengths).all())), None
-        )
+        key = lengths.tobytes()  # comparing 8 bytes a row is cheaper than an elementwise compare and .all()
+        mask = next((m for k, w, m in masks if w == width and k == key), None)
         if mask is None:
             mask = _row_mask(lengths, width, self.padding_side)
-            masks.append((lengths, width, mask))
-        if name == self.attention_mask and pad == 0 and (field.flat == 1).all():
+            masks.append((key, width, mask))
+        if name == self.attention_mask and pad == 0 and _all_ones_flat(field.flat):
             return torch.from_numpy(mask.astype(dtype)), mask  # a mask of ones padded with 0 is the row mask
         result = np.zeros((n, width), dtype=dtype) if pad == 0 else np.full((n, width), pad, dtype=dtype)
         result[mask] = field.flat  # row-major order of the mask = the order of the flat values
