@@ -29,6 +29,10 @@ class _NumericColumn:
         # memoryviews index to Python ints far faster than numpy scalars
         self.offsets = [memoryview(c.offsets.to_numpy()) for c in chunks] if self.nested else []
         self.values = [(c.values if self.nested else c).to_numpy() for c in chunks]
+        self.dtype = self.values[0].dtype
+        self.value_type = chunks[0].type.value_type if self.nested else chunks[0].type
+        # the values as bytes: a row is a memoryview slice, and b"".join copies the rows in C
+        self.raw = [memoryview(v.view(np.uint8)) for v in self.values] if self.nested else []
         self.scalars = [] if self.nested else [memoryview(v) for v in self.values]
         self.ones: dict[int, bool] = {}
 
@@ -41,28 +45,31 @@ class _NumericColumn:
             return False
         return not any(c.null_count or (nested and c.values.null_count) for c in chunks)
 
-    def _all_ones(self, chunk: int) -> bool:
-        if chunk not in self.ones:
+    def _all_ones(self, chunks: set[int]) -> bool:
+        for chunk in chunks - self.ones.keys():
             self.ones[chunk] = bool((self.values[chunk] == 1).all())
-        return self.ones[chunk]
+        return all(self.ones[chunk] for chunk in chunks)
 
-    def gather(self, which: list[int], local: list[int], bounds: np.ndarray | None = None) -> pa.Array:
-        """The rows (chunk ``which[i]``, row ``local[i]``) as one array; ``bounds`` are the twin's offsets."""
+    def gather(
+        self, which: list[int], local: list[int], bounds: np.ndarray | None = None
+    ) -> tuple[pa.Array, np.ndarray | None]:
+        """The rows (chunk ``which[i]``, row ``local[i]``) as one array, and its offsets for a list column;
+        ``bounds`` are the twin's offsets."""
         if not self.nested:
-            return pa.array(
-                np.array([self.scalars[b][s] for b, s in zip(which, local)], self.values[0].dtype)
-            )
-        values = self.values
-        if bounds is not None and all(self._all_ones(b) for b in set(which)):
-            flat = np.ones(int(bounds[-1]), dtype=values[0].dtype)
+            return pa.array(np.array([self.scalars[b][s] for b, s in zip(which, local)], self.dtype)), None
+        if bounds is not None and self._all_ones(set(which)):
+            data = pa.py_buffer(np.ones(int(bounds[-1]), dtype=self.dtype))
         else:
-            offsets = self.offsets
-            parts = [values[b][offsets[b][s] : offsets[b][s + 1]] for b, s in zip(which, local)]
+            offsets, raw, size = self.offsets, self.raw, self.dtype.itemsize
+            parts = [raw[b][offsets[b][s] * size : offsets[b][s + 1] * size] for b, s in zip(which, local)]
             bounds = np.zeros(len(parts) + 1, dtype=np.int64 if self.large else np.int32)
-            np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=bounds[1:])
-            flat = np.concatenate(parts) if parts else values[0][:0]
-        make = pa.LargeListArray if self.large else pa.ListArray
-        return make.from_arrays(pa.array(bounds), pa.array(flat))
+            np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) // size, out=bounds[1:])
+            data = pa.py_buffer(b"".join(parts))
+        # from_buffers wraps the two numpy buffers as they are: no conversion of offsets or values
+        values = pa.Array.from_buffers(self.value_type, int(bounds[-1]), [None, data])
+        kind = pa.large_list(self.value_type) if self.large else pa.list_(self.value_type)
+        rows = pa.Array.from_buffers(kind, len(bounds) - 1, [None, pa.py_buffer(bounds)], children=[values])
+        return rows, bounds
 
 
 def arrow_cache(ds: Any, source_columns: list[str]) -> dict[str, Any]:
@@ -121,9 +128,9 @@ def read_rows(cache: dict[str, Any], rows: np.ndarray) -> dict[str, pa.Array]:
     which = np.searchsorted(offsets, rows, side="right") - 1
     w, local = which.tolist(), (rows - offsets[which]).tolist()
     out: dict[str, pa.Array] = {}
+    bounds: dict[str, np.ndarray | None] = {}
     for name, column in numeric.items():
-        bounds = out[column.twin].offsets.to_numpy() if column.twin else None
-        out[name] = column.gather(w, local, bounds)
+        out[name], bounds[name] = column.gather(w, local, bounds[column.twin] if column.twin else None)
     others = [name for name in cache["table"].column_names if name not in numeric]
     if others:
         if len(batches) == 1:
