@@ -141,7 +141,7 @@ def main(out_dir: str) -> None:
         checkpoint_every=2,
         out_dir=out_dir,
         log_every=1,
-        progress=False,
+        progress=True,  # a tqdm bar only when stderr is a terminal (the reference run's is)
         scheduler="linear",
         warmup_steps=2,
         max_grad_norm=1.0,

@@ -7,10 +7,15 @@ the background when the module begins so that it overlaps with the interrupted r
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,32 +27,62 @@ import hf_loop as hl
 SCRIPT = Path(__file__).with_name("_train_script.py")
 
 
-def launch(out_dir: Path, **env: str) -> subprocess.Popen:
+def launch(out_dir: Path, terminal: int | None = None, **env: str) -> subprocess.Popen:
+    """Run the training script; ``terminal``: a pty's fd to use as its stderr (so it shows a progress bar)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env}
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out_dir)],
         env=environment,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if terminal is None else terminal,
         text=True,
     )
 
 
-def finish(process: subprocess.Popen, expected_rc: int) -> None:
+def finish(process: subprocess.Popen, expected_rc: int) -> str:
     output, _ = process.communicate(timeout=300)
     assert process.returncode == expected_rc, (
         f"exit code {process.returncode}, expected {expected_rc}:\n{output}"
     )
+    return output or ""
+
+
+class Reference:
+    """The uninterrupted run, started in the background with a pseudo-terminal as stderr."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.screen = bytearray()
+        primary, secondary = pty.openpty()
+        fcntl.ioctl(
+            secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0)
+        )  # a fresh pty is 0 wide
+        self.process = launch(out_dir, terminal=secondary)
+        os.close(secondary)
+        self.reader = threading.Thread(target=self._read, args=(primary,), daemon=True)
+        self.reader.start()
+
+    def _read(self, fd: int) -> None:
+        try:
+            while chunk := os.read(fd, 4096):  # keep draining, so the child never blocks on a full pty
+                self.screen += chunk
+        except OSError:  # EIO: the child closed its end
+            pass
+        finally:
+            os.close(fd)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        finish(self.process, 0)
+        self.reader.join(timeout=30)
+        return torch.load(self.out_dir / "final_weights.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run, started in the background; waited for on first use."""
-    out_dir = tmp_path_factory.mktemp("reference")
-    process = launch(out_dir)
-    yield lambda: (finish(process, 0), torch.load(out_dir / "final_weights.pt", weights_only=True))[1]
-    if process.poll() is None:
-        process.kill()
+    run = Reference(tmp_path_factory.mktemp("reference"))
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
 
 
 def checkpoint_steps(out_dir: Path) -> list[int]:
@@ -75,11 +110,12 @@ def test_kill9_at_several_points_then_rerun_is_bit_identical(reference, tmp_path
     )  # resumes at 4, writes 6, dies at 7
     assert checkpoint_steps(tmp_path) == [4, 6]
 
-    finish(launch(tmp_path), 0)  # resumes at 6 and finishes
+    piped = finish(launch(tmp_path), 0)  # resumes at 6 and finishes
+    assert "it/s" not in piped  # stderr is a pipe here: no progress bar
     assert checkpoint_steps(tmp_path) == [8, 9]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     resumed = torch.load(tmp_path / "final_weights.pt", weights_only=True)
-    expected = reference()
+    expected = reference.weights()
     assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
 
@@ -135,3 +171,9 @@ def test_a_stream_resumes_exactly_mid_pass(tmp_path):
     _stream_run(tmp_path / "b", max_steps=3)
     resumed = _stream_run(tmp_path / "b", max_steps=8)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_the_progress_bar_appears_on_a_terminal(reference):
+    reference.weights()
+    screen = reference.screen.decode(errors="replace")
+    assert "train" in screen and "9/9" in screen  # tqdm drew the bar on the reference run's terminal
