@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     ds = demo.make_dataset(2000) if args.dataset is None else hl.load(args.dataset, split="train")
     parts = ds.train_test_split(test_size=0.1, seed=0)
     num_labels = len(set(parts["train"]["label"]))
-    if args.model is None:
-        tokenizer = demo.train_tokenizer()
+    if (
+        args.model is None
+    ):  # a word-level tokenizer trained here, on the demo vocabulary or the dataset's texts
+        tokenizer = demo.train_tokenizer(None if args.dataset is None else list(ds["text"]))
         model = demo.make_model(tokenizer, num_labels=num_labels)
     else:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

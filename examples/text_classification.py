@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     num_labels = len(set(val["label"]) | set(train.select(range(min(len(train), 5000)))["label"]))
 
     # 2. Tokenizer and model.
-    if args.model is None:
-        tokenizer = demo.train_tokenizer()
+    if (
+        args.model is None
+    ):  # a word-level tokenizer trained here, on the demo vocabulary or the dataset's texts
+        tokenizer = demo.train_tokenizer(None if args.dataset is None else list(ds["text"]))
         model = demo.make_model(tokenizer, num_labels=num_labels)
     else:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
