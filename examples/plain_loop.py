@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> None:
         "--dataset", help="Hub id or local path with 'text' and 'label' columns (default: demo data)"
     )
     parser.add_argument("--model", help="pretrained model name or path (default: a tiny BERT from a config)")
+    parser.add_argument("--num-rows", type=int, default=2000, help="rows of the demo data (default: 2000)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
-    ds = demo.make_dataset(2000) if args.dataset is None else hl.load(args.dataset, split="train")
+    ds = demo.make_dataset(args.num_rows) if args.dataset is None else hl.load(args.dataset, split="train")
     parts = ds.train_test_split(test_size=0.1, seed=0)
     num_labels = len(set(parts["train"]["label"]))
     if (

@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> None:
         "--dataset", help="Hub id or local path with 'text' and 'label' columns (default: demo data)"
     )
     parser.add_argument("--model", help="pretrained model name or path (default: a tiny BERT from a config)")
+    parser.add_argument("--num-rows", type=int, default=3000, help="rows of the demo data (default: 3000)")
     parser.add_argument("--max-steps", type=int, default=150, help="optimizer steps (default: 150)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out-dir", default=None, help="checkpoints and metrics.jsonl; resumes from it")
     args = parser.parse_args(argv)
 
     # 1. Data: a train split and a seeded validation split carved from it.
-    ds = demo.make_dataset(3000) if args.dataset is None else hl.load(args.dataset, split="train")
+    ds = demo.make_dataset(args.num_rows) if args.dataset is None else hl.load(args.dataset, split="train")
     parts = ds.train_test_split(test_size=0.1, seed=0)
     train, val = parts["train"], parts["test"]
     num_labels = len(set(val["label"]) | set(train.select(range(min(len(train), 5000)))["label"]))

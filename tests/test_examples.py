@@ -27,7 +27,7 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 
 
 def test_text_classification(tmp_path):
-    out = run_example("text_classification.py", "--max-steps", "3", "--batch-size", "16", cwd=tmp_path)
+    out = run_example("text_classification.py", "--max-steps", "3", "--num-rows", "600", cwd=tmp_path)
     assert "train label counts: [" in out and "step 3: loss" in out
     assert "trained 3 steps; eval loss" in out and "accuracy" in out and "first predictions: [" in out
 
@@ -48,5 +48,5 @@ def test_causal_lm_streaming_resumes(tmp_path):
 
 @pytest.mark.parametrize("name", ["plain_loop.py"])
 def test_plain_loop(name, tmp_path):
-    out = run_example(name, "--max-steps", "3", cwd=tmp_path)
+    out = run_example(name, "--max-steps", "3", "--num-rows", "400", cwd=tmp_path)
     assert "(all)" in out and "step 3: loss" in out and "test accuracy" in out and "after 3 steps" in out
