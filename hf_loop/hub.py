@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.naming import camelcase_to_snakecase
 from datasets.packaged_modules import _EXTENSION_TO_MODULE, _PACKAGED_DATASETS_MODULES
 
-__all__ = ["DataError", "load"]
+__all__ = ["DataError", "cached_configs", "cached_datasets", "load"]
 
 _PARQUET_BRANCH = "refs/convert/parquet"
 
@@ -206,6 +206,19 @@ def cached_configs(path: str, cache_dir: str | os.PathLike[str] | None = None) -
     return sorted({Path(p).parts[-3] for p in glob.glob(str(root / "*" / "*" / "*")) if os.path.isdir(p)})
 
 
+def cached_datasets(cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Hub datasets (``org/name``) the local datasets cache holds prepared data for.
+
+    Example:
+        >>> cached_datasets()                                   # doctest: +SKIP
+        ['stanfordnlp/imdb']
+    """
+    root = Path(os.path.expanduser(str(cache_dir or datasets.config.HF_DATASETS_CACHE)))
+    if not root.is_dir():
+        return []
+    return sorted(p.name.replace("___", "/") for p in root.iterdir() if p.is_dir() and "___" in p.name)
+
+
 def _default_config_retry(error: Exception, path: str, name: str | None) -> str | None:
     """Offline, datasets refuses a cache holding several configs even when one is 'default' (datasets#6667)."""
     if name is None and "multiple" in str(error) and "configurations in the cache" in str(error):
@@ -247,7 +260,12 @@ def _translate(
             if _offline()
             else "the Hub is unreachable"
         )
-        have = f"the cache holds configs {configs}" if configs else "it is not in the datasets cache"
+        others = cached_datasets(load_kwargs.get("cache_dir"))[:10]
+        have = (
+            f"the cache holds configs {configs}"
+            if configs
+            else "it is not in the datasets cache" + (f" (cached Hub datasets: {others})" if others else "")
+        )
         return DataError(
             f"{asked}: {why} and {have} ({_cache_root(path, load_kwargs)}). Fix: run the same hl.load once "
             "with network access (it fills the cache), or save it with ds.save_to_disk(folder) on a machine "

@@ -109,6 +109,11 @@ def test_offline_cached_hub_dataset_loads_and_lists_cached_configs(hub_folder, t
         hl.load("org/name", "big", cache_dir=cache)
     with pytest.raises(hl.DataError, match=r"unknown split 'dev'; available splits: \['train', 'test'\]"):
         hl.load("org/name", split="dev", cache_dir=cache)
+    # a typo offline: the message shows what the cache does hold
+    with pytest.raises(
+        hl.DataError, match=r"'org/nmae'.*not in the datasets cache \(cached Hub datasets: \['org/name'\]\)"
+    ):
+        hl.load("org/nmae", cache_dir=cache)
 
 
 def test_trust_remote_code_is_refused(hub_folder):
