@@ -149,6 +149,10 @@ def test_finetune_token_budget_and_resume(tmp_path, capsys):
     assert "sampler tokens (max_tokens 400)" in text
     again = run_finetune(tmp_path, capsys, "--sampler", "tokens", "--max-tokens", "400", "--max-steps", "6")
     assert "resumed from" in again and "6 optimizer steps" in again
+    done = run_finetune(tmp_path, capsys, "--sampler", "tokens", "--max-tokens", "400", "--max-steps", "6")
+    assert "holds a finished run; raise --max-steps" in done and re.search(
+        r"eval accuracy\s+\d\.\d+ on 24", done
+    )
 
 
 def test_finetune_on_a_hub_folder_carves_validation(hub_folder, tmp_path, capsys):

@@ -269,8 +269,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _summary(out: dict[str, Any]) -> str:
-    result, info = out["result"], out["info"]
-    ev = result.eval
+    result, info, ev = out["result"], out["info"], out["eval"]
     lines = [
         "",
         f"done in {out['seconds']:.1f} s: {result.steps} optimizer steps, {result.epochs} full epoch(s), "
@@ -278,13 +277,17 @@ def _summary(out: dict[str, Any]) -> str:
         + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
         f"  train loss        {result.train_loss:.4f} (mean of logged windows), last {result.last_loss:.4f}"
         if result.train_loss is not None
-        else "  train loss        (no optimizer step ran)",
+        else f"  train loss        (no step to run: {out['out_dir']} holds a finished run; raise --max-steps or "
+        "--epochs to continue it, or pass a new --out-dir)",
         f"  eval accuracy     {ev.get('accuracy', float('nan')):.4f} on {int(ev.get('examples', 0))} examples"
         f"  (majority-class baseline {out['baseline']:.4f}: always {out['majority']!r})",
         f"  eval macro-F1     {ev.get('macro_f1', float('nan')):.4f}   eval loss {ev.get('loss', float('nan')):.4f}",
-        f"  throughput        {result.samples_per_s:.1f} samples/s, {result.tokens_per_s:.0f} tokens/s",
     ]
-    if result.padding is not None:
+    if result.train_loss is not None:
+        lines.append(
+            f"  throughput        {result.samples_per_s:.1f} samples/s, {result.tokens_per_s:.0f} tokens/s"
+        )
+    if result.padding is not None and result.train_loss is not None:
         line = f"  padding           {result.padding:.1%} of batch tokens were padding"
         expected = info.get("expected_padding")
         if expected:

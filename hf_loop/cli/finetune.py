@@ -341,9 +341,15 @@ def run(args: Namespace, env: DistEnv, say: Callable[[str], None]) -> dict[str, 
         on_log=lambda record: say(_log_line(record, steps)),
     )
     seconds = time.perf_counter() - started
+    metrics = result.eval
+    if not metrics:  # the run in out_dir had already finished: report the restored model, not nothing
+        metrics = hl.evaluate(
+            model, eval_loader, env=env, metrics={"accuracy": accuracy, "macro_f1": macro_f1}
+        )
     return {
         "data": data,
         "result": result,
+        "eval": metrics,
         "baseline": baseline,
         "majority": data.label_names[majority],
         "seconds": seconds,
