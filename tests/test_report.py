@@ -99,6 +99,8 @@ def test_inspect_dataset_object_with_token_column_and_words():
     assert [r["label"] for r in rep.labels] == ["a", "b"]
     words = report.inspect(Dataset.from_dict({"text": ["a b c", " d  e ", ""]}), out=None)
     assert (words.unit, words.lengths["total"], words.labels) == ("words", 5, None)
+    scores = report.inspect(Dataset.from_dict({"text": ["a", "b c"], "label": [0.5, 1.5]}), out=None)
+    assert scores.labels is None and "holds floats (regression?)" in scores.notes[0]
 
 
 def test_inspect_errors_name_what_exists(hub_folder):

@@ -122,7 +122,11 @@ def inspect(
     from hf_loop.hub import load
 
     notes: list[str] = []
-    source = dataset if isinstance(dataset, str) else type(dataset).__name__
+    source = (
+        str(dataset) + (f" ({name})" if name else "")
+        if isinstance(dataset, (str, Path))
+        else type(dataset).__name__
+    )
     if isinstance(dataset, (str, Path)):
         dataset = load(dataset, name, split=split, streaming=streaming)
     ds, split = _pick_split(dataset, split, notes)
@@ -153,6 +157,9 @@ def inspect(
     if label_column is not None:
         labels = _arrow_column(ds, label_column).to_numpy(zero_copy_only=False)
         names = getattr(ds.features[label_column], "names", None)
+        if labels.dtype.kind == "f":  # regression targets: class balance would list every distinct value
+            notes.append(f"label column {label_column!r} holds floats (regression?): no class balance")
+            labels = None
     report = DataReport.from_lengths(
         lengths,
         batch_size=batch_size,
