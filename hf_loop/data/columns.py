@@ -61,6 +61,14 @@ class Columns(list):
         self._n = num_rows
         self._filled = False
 
+    @classmethod
+    def _of(cls, columns: dict[str, Any], num_rows: int) -> Columns:
+        """Internal: wrap ``columns`` (a fresh dict the caller hands over) already known to hold ``num_rows``
+        values each, without re-measuring every column: the per-batch path of MapDataset and StreamDataset."""
+        batch = cls.__new__(cls)
+        batch.columns, batch._n, batch._filled = columns, num_rows, False
+        return batch
+
     def _fill(self) -> Columns:
         if not self._filled:
             names = list(self.columns)

@@ -140,7 +140,7 @@ class MapDataset(TorchDataset):
         idx = self._global_indices(indices)
         batch = self._select(self._fetch(idx, getattr(indices, "rng_key", None)))
         batch[INDEX_KEY] = idx
-        return Columns(batch, len(idx))
+        return Columns._of(batch, len(idx))  # every column was read (or checked after the transform) for idx
 
     def _fetch(self, idx: np.ndarray, rng_key: Any) -> dict[str, Any]:
         """The transformed, renamed columns of dataset rows ``idx`` (before the column selection)."""

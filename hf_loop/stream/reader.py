@@ -135,7 +135,7 @@ class BoundStream(IterableDataset):
                 if w == first_window and b < skip:
                     continue  # consumed before the resume: recomputed, never collated
                 size = idx.stop - idx.start
-                rows = Columns({k: _take(v, idx) for k, v in columns.items()}, size)
+                rows = Columns._of({k: _take(v, idx) for k, v in columns.items()}, size)  # window-checked
                 if self.batch_size and size < self.batch_size:
                     yield rows, (local, epoch, TAIL)
                     continue
