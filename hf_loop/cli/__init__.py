@@ -4,7 +4,7 @@ This module parses arguments and prints; the work is done by the library (``fine
 ``hf_loop.report`` builds the data report).
 
 Example:
-    $ hf-loop finetune                                   # the embedded demo, offline, about a minute on 2 cores
+    $ hf-loop finetune                                   # the embedded demo, offline, under 2 minutes on 2 CPU cores
     $ hf-loop finetune --dataset stanfordnlp/imdb --model distilbert-base-uncased --sampler length
     $ torchrun --nproc_per_node=2 -m hf_loop.cli finetune --out-dir runs/a
     $ hf-loop inspect ./my_data --tokenizer ./my_tokenizer --batch-size 32 --out reports
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a text classifier (no arguments: the embedded demo, offline)",
         description="Fine-tune a sequence classifier. With no arguments: a demo dataset built in code, a tokenizer "
-        "trained in-process and a tiny BERT - offline, about a minute on 2 CPU cores. Runs unchanged under "
+        "trained in-process and a tiny BERT - offline, under 2 minutes on 2 CPU cores. Runs unchanged under "
         "`torchrun --nproc_per_node=N`.",
     )
     data = ft.add_argument_group("data")
