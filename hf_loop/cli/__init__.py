@@ -4,7 +4,7 @@ This module parses arguments and prints; the work is done by the library (``fine
 ``hf_loop.report`` builds the data report).
 
 Example:
-    $ hf-loop finetune                                   # the embedded demo, offline, under 2 minutes on 2 CPU cores
+    $ hf-loop finetune                       # the embedded demo, offline, under 2 minutes on 2 CPU cores
     $ hf-loop finetune --dataset stanfordnlp/imdb --model distilbert-base-uncased --sampler length
     $ torchrun --nproc_per_node=2 -m hf_loop.cli finetune --out-dir runs/a
     $ hf-loop inspect ./my_data --tokenizer ./my_tokenizer --batch-size 32 --out reports
