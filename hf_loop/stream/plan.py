@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from datasets.packaged_modules.parquet.parquet import Parquet
 
 from hf_loop.hub import DataError
 
@@ -73,7 +74,7 @@ def shard_counts(ds: Any) -> list[int] | None:
     builder = getattr(getattr(ex, "generate_tables_fn", None), "__self__", None)
     if (
         type(ex).__name__ != "ArrowExamplesIterable"
-        or type(builder).__name__ != "Parquet"
+        or not isinstance(builder, Parquet)  # Hub-layout folders load through a renamed subclass
         or getattr(builder.config, "filters", None) is not None
         or not isinstance(kwargs, dict)
         or set(kwargs) != {"files", "row_groups_list"}
