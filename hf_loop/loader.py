@@ -196,8 +196,8 @@ class Loader(DataLoader):
     def _fetches_in_process(self) -> bool:
         """True when the batches can be fetched here exactly as DataLoader's single-process iterator would:
         no workers, no pinning, and the batch sampler (or bound stream) make_loader set up."""
-        if self.num_workers != 0 or self.pin_memory:
-            return False
+        if self.num_workers != 0 or self.pin_memory or self.timeout:
+            return False  # (DataLoader itself refuses a timeout without workers: leave that to it)
         return self._tracker is not None or (
             self._batches is not None and self.batch_sampler is self._batches
         )

@@ -50,6 +50,8 @@ def _truncate(field: _Ragged, width: int, side: str, longest: int | None = None)
 
 
 def _check_pad(name: str, pad: Any, dtype: np.dtype) -> None:
+    if type(pad) is int:  # the defaults (0, -100) and most explicit pad ids: valid for every dtype
+        return
     if isinstance(pad, (bool, int, float, np.number)):
         if dtype.kind in "biu" and float(pad) != int(pad):
             raise ValueError(f"pad value {pad!r} for the integer field {name!r} is not an integer")

@@ -205,7 +205,7 @@ def _list_buffers(values: pa.Array) -> _Ragged | None:
     )
     first, last = int(offsets[0]), int(offsets[-1])
     flat = np.frombuffer(buffers[3], dtype, last - first, (child.offset + first) * dtype.itemsize)
-    return _Ragged((offsets[1:] - offsets[:-1]).astype(np.int64), flat)
+    return _Ragged(np.subtract(offsets[1:], offsets[:-1], dtype=np.int64), flat)
 
 
 def _read_arrow(name: str, values: pa.Array | pa.ChunkedArray) -> Any:

@@ -110,7 +110,7 @@ class PadCollator:
         columns, n = _rows_of(batch)
         out: dict[str, Any] = {}
         padded: dict[str, np.ndarray] = {}  # field -> (rows, width) bool mask of real positions
-        masks: list[tuple[bytes, int, np.ndarray]] = []  # fields with equal lengths share one mask
+        masks: dict[bytes, tuple[int, int, np.ndarray]] = {}  # fields with equal lengths share one mask
         for name, values in columns.items():
             field = (_all_ones(values) if name == self.attention_mask else None) or _read(name, values)
             if isinstance(field, _PassThrough):
@@ -129,10 +129,14 @@ class PadCollator:
                 out[name] = torch.from_numpy(padded[source].astype(np.int64))
         return out
 
-    def _pad_ragged(self, name: str, field: _Ragged, n: int, masks: list) -> tuple[torch.Tensor, np.ndarray]:
+    def _pad_ragged(self, name: str, field: _Ragged, n: int, masks: dict) -> tuple[torch.Tensor, np.ndarray]:
+        """``masks`` maps the row lengths (as bytes: 8 a row, cheaper to compare than an elementwise ``==`` and
+        ``.all()``) to (longest, width, row mask) of a field already padded in this batch."""
         dtype = _out_dtype(field.flat.dtype) if len(field.flat) else np.dtype(np.int64)
         pad = self._pad_value(name, dtype)
-        longest = int(field.lengths.max()) if n else 0
+        key = field.lengths.tobytes()
+        known = masks.get(key)
+        longest = known[0] if known else (int(field.lengths.max()) if n else 0)
         if pad is None:
             if n and (field.lengths != longest).any():
                 bad = int(np.flatnonzero(field.lengths != field.lengths[0])[0])
@@ -148,14 +152,13 @@ class PadCollator:
                 (n, longest), bool
             )
         _check_pad(name, pad, dtype)
-        width = self._width(longest)
+        width = known[1] if known else self._width(longest)
         field = _truncate(field, width, self.truncation_side, longest)
-        lengths = field.lengths
-        key = lengths.tobytes()  # comparing 8 bytes a row is cheaper than an elementwise compare and .all()
-        mask = next((m for k, w, m in masks if w == width and k == key), None)
-        if mask is None:
-            mask = _row_mask(lengths, width, self.padding_side)
-            masks.append((key, width, mask))
+        if known:
+            mask = known[2]
+        else:
+            mask = _row_mask(field.lengths, width, self.padding_side)
+            masks[key] = (longest, width, mask)
         if name == self.attention_mask and pad == 0 and _all_ones_flat(field.flat):
             return torch.from_numpy(mask.astype(dtype)), mask  # a mask of ones padded with 0 is the row mask
         result = np.zeros((n, width), dtype=dtype) if pad == 0 else np.full((n, width), pad, dtype=dtype)
