@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_loop import samplers as hs
-from hf_loop.dist import DistEnv
+from hf_loop.dist import DistEnv, default_device
 
 STRATEGIES = ("sequential", "random", "weighted", "subset", "length", "tokens")
 
@@ -399,7 +399,7 @@ def make_loader(
     from hf_loop.collate import PadCollator
     from hf_loop.data import to_torch
 
-    env = env or DistEnv()
+    env = env or DistEnv(device=default_device())  # one process; pin_memory='auto' still sees a GPU
     options = {k: kwargs.pop(k) for k in _STRATEGY_OPTIONS if k in kwargs}
     if kwargs.get("in_order", True) is False:
         raise ValueError(

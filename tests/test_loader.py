@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 
 import hf_loop as hl
+from hf_loop.dist import default_device
 from tests.distributed import run_distributed
 
 N = 45
@@ -273,3 +274,9 @@ def test_a_stream_takes_a_token_budget_but_refuses_a_sampler(tmp_path):
         hl.make_loader(stream, batch_size=4, sampler="random")
     with pytest.raises(ValueError, match=r"orders itself.*\['weights'\]"):
         hl.make_loader(stream, batch_size=4, weights=[1.0] * 40)
+
+
+def test_pin_memory_auto_follows_the_default_device_without_env():
+    loader = hl.make_loader(hl.MapDataset(tokenized()), batch_size=4)
+    assert loader.env.device == default_device()
+    assert loader.pin_memory is (default_device().type == "cuda")
