@@ -3,32 +3,64 @@
 Everything public is importable from the top level::
 
     import hf_loop as hl
+
     ds = hl.load("org/name", split="train")
+    loader = hl.make_loader(hl.MapDataset(ds, transform=tokenize), batch_size=32, sampler="length")
 """
 
-from importlib import import_module
+from hf_loop.collate import PackCollator, PadCollator
+from hf_loop.config import TrainConfig, TrainResult
+from hf_loop.data import INDEX_KEY, Columns, MapDataset, to_torch
+from hf_loop.dist import DistEnv, even_steps, init_distributed, shutdown_distributed
+from hf_loop.evaluation import count_parameters, evaluate, predict
+from hf_loop.hub import DataError, load
+from hf_loop.loader import Loader, make_loader
+from hf_loop.loop import train
+from hf_loop.report import plot_run
+from hf_loop.samplers import (
+    DistributedSampler,
+    LengthGroupedSampler,
+    RandomSampler,
+    SequentialSampler,
+    SubsetSampler,
+    TokenBudgetBatchSampler,
+    WeightedSampler,
+    class_weights,
+)
+from hf_loop.stream import StreamDataset
 
 __version__ = "0.1.0"
 
-# name -> module. Resolved on first access (PEP 562) while the package is being built out in parallel.
-_EXPORTS = {
-    "load": "hub", "DataError": "hub",
-    "MapDataset": "data", "Columns": "data", "to_torch": "data", "INDEX_KEY": "data",
-    "StreamDataset": "stream",
-    "PadCollator": "collate", "PackCollator": "collate",
-    "SequentialSampler": "samplers", "RandomSampler": "samplers", "WeightedSampler": "samplers",
-    "SubsetSampler": "samplers", "LengthGroupedSampler": "samplers", "TokenBudgetBatchSampler": "samplers",
-    "DistributedSampler": "samplers", "class_weights": "samplers",
-    "make_loader": "loader", "Loader": "loader",
-    "DistEnv": "dist", "init_distributed": "dist", "shutdown_distributed": "dist", "even_steps": "dist",
-    "TrainConfig": "loop", "TrainResult": "loop", "train": "loop", "evaluate": "loop", "predict": "loop",
-    "count_parameters": "loop", "plot_run": "report",
-}
-
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"hf_loop.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'hf_loop' has no attribute {name!r}")
+__all__ = [
+    "INDEX_KEY",
+    "Columns",
+    "DataError",
+    "DistEnv",
+    "DistributedSampler",
+    "LengthGroupedSampler",
+    "Loader",
+    "MapDataset",
+    "PackCollator",
+    "PadCollator",
+    "RandomSampler",
+    "SequentialSampler",
+    "StreamDataset",
+    "SubsetSampler",
+    "TokenBudgetBatchSampler",
+    "TrainConfig",
+    "TrainResult",
+    "WeightedSampler",
+    "__version__",
+    "class_weights",
+    "count_parameters",
+    "even_steps",
+    "evaluate",
+    "init_distributed",
+    "load",
+    "make_loader",
+    "plot_run",
+    "predict",
+    "shutdown_distributed",
+    "to_torch",
+    "train",
+]
