@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader
 
 from hf_loop import samplers as hs
 from hf_loop.dist import DistEnv, default_device
-
-STRATEGIES = ("sequential", "random", "weighted", "subset", "length", "tokens")
+from hf_loop.samplers.strategy import STRATEGIES, STRATEGY_OPTIONS, build_sampler
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -295,73 +294,6 @@ def _resolve_pin_memory(pin_memory: bool | str, env: DistEnv) -> bool:
     return pin_memory
 
 
-def _build_sampler(
-    strategy: str,
-    n: int,
-    dataset: Any,
-    *,
-    batch_size: int | None,
-    seed: int,
-    env: DistEnv,
-    options: dict[str, Any],
-) -> Any:
-    """The global (all-rank) sampler for a named strategy."""
-
-    def need(name: str) -> Any:
-        if options.get(name) is None:
-            raise ValueError(f"sampler={strategy!r} needs {name}=...; got none")
-        return options[name]
-
-    if strategy == "sequential":
-        return hs.SequentialSampler(n)
-    if strategy == "random":
-        return hs.RandomSampler(n, seed=seed)
-    if strategy == "weighted":
-        weights = need("weights")
-        if len(weights) != n:
-            raise ValueError(f"weights has {len(weights)} entries but the dataset has {n} examples")
-        return hs.WeightedSampler(
-            weights,
-            num_samples=options.get("num_samples"),
-            replacement=options.get("replacement", True),
-            seed=seed,
-        )
-    if strategy == "subset":
-        return hs.SubsetSampler(
-            need("indices"), shuffle=options.get("shuffle", True), seed=seed, dataset_size=n
-        )
-    lengths = options.get("lengths")
-    if lengths is None:
-        if not hasattr(dataset, "lengths"):
-            raise ValueError(
-                f"sampler={strategy!r} needs lengths=...; {type(dataset).__name__} cannot "
-                "compute them (hl.MapDataset can)"
-            )
-        lengths = dataset.lengths(options.get("length_column", "input_ids"))
-    if len(lengths) != n:
-        raise ValueError(f"lengths has {len(lengths)} entries but the dataset has {n} examples")
-    if strategy == "length":
-        # Built for the GLOBAL batch: striding by rank then keeps each rank's batch length-homogeneous.
-        return hs.LengthGroupedSampler(
-            lengths, batch_size * env.world_size, seed=seed, megabatch=options.get("megabatch", 50)
-        )
-    # "tokens": batches of at most max_tokens each, dealt whole to the ranks (each rank's batch is one budget).
-    return hs.TokenBudgetBatchSampler(lengths, need("max_tokens"), seed=seed)
-
-
-_STRATEGY_OPTIONS = (
-    "weights",
-    "num_samples",
-    "replacement",
-    "indices",
-    "shuffle",
-    "lengths",
-    "length_column",
-    "megabatch",
-    "max_tokens",
-)
-
-
 def make_loader(
     dataset: Any,
     *,
@@ -400,7 +332,7 @@ def make_loader(
     from hf_loop.data import to_torch
 
     env = env or DistEnv(device=default_device())  # one process; pin_memory='auto' still sees a GPU
-    options = {k: kwargs.pop(k) for k in _STRATEGY_OPTIONS if k in kwargs}
+    options = {k: kwargs.pop(k) for k in STRATEGY_OPTIONS if k in kwargs}
     if kwargs.get("in_order", True) is False:
         raise ValueError(
             "in_order=False is refused: it makes batch order depend on worker timing, which "
@@ -457,8 +389,8 @@ def make_loader(
             raise ValueError(f"sampler must be one of {STRATEGIES} or a sampler object, got {strategy!r}")
         if strategy != "tokens" and batch_size is None:
             raise ValueError(f"sampler={strategy!r} needs batch_size=...")
-        global_sampler = _build_sampler(
-            strategy, n, dataset, batch_size=batch_size, seed=seed, env=env, options=options
+        global_sampler = build_sampler(
+            strategy, n, dataset, batch_size=batch_size, seed=seed, world_size=env.world_size, options=options
         )
     else:
         if options:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -280,3 +282,20 @@ def test_pin_memory_auto_follows_the_default_device_without_env():
     loader = hl.make_loader(hl.MapDataset(tokenized()), batch_size=4)
     assert loader.env.device == default_device()
     assert loader.pin_memory is (default_device().type == "cuda")
+
+
+@pytest.mark.parametrize("strategy", ["random", "tokens"])
+def test_in_process_fetch_equals_the_dataloader_path(strategy):
+    # num_workers=0 without pinning fetches in process; pin_memory=True (a no-op without a GPU) takes
+    # DataLoader's own single-process iterator. Batches, states and padding counts must not differ.
+    fast = build(strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that pinning needs an accelerator
+        slow = build(strategy, pin_memory=True)
+        assert fast._fetches_in_process() and not slow._fetches_in_process()
+        a, b = list(fast), list(slow)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert fast.state_dict() == slow.state_dict()
+    assert fast.padding.real_tokens == slow.padding.real_tokens
