@@ -13,32 +13,29 @@ Run: python benchmarks/collate.py [--batches 300] [--repeat 5] [--out benchmarks
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import compare, fast_tokenizer, machine, make_tokenized_dataset, rows_of_lists, table  # noqa: E402
+from common import (  # noqa: E402
+    arguments,
+    compare,
+    emit,
+    fast_tokenizer,
+    hand_pad,
+    machine,
+    make_tokenized_dataset,
+    rows_of_lists,
+    table,
+)
 
 import hf_loop as hl  # noqa: E402
 
 BATCH = 32
-
-
-def hand_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """A good hand-written numpy pad: one row assignment per example, mask from lengths."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        ids[i, :n] = row["input_ids"]
-        mask[i, :n] = 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def check_same(a: dict, b: dict) -> None:
@@ -47,11 +44,7 @@ def check_same(a: dict, b: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=5, batches=300).parse_args()
 
     from transformers import DataCollatorWithPadding
 
@@ -136,10 +129,7 @@ def main() -> None:
         "offset and value buffers with np.frombuffer (no pyarrow conversion calls) and pads with one masked",
         "assignment per field. Timings move by up to ~30% between runs on this shared machine (see the load).",
     ]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """Shared benchmark helpers: the DESIGN.md §4 length distribution, a pre-tokenized dataset, a tiny fast
-tokenizer trained in-process, and a best-of timer.
+tokenizer trained in-process, the hand-written pad every loader benchmark compares against, a best-of
+timer, the command line every script takes (sizes, ``--repeat``, ``--out``), the report's machine line,
+and printing/writing the report.
 
 Lengths: lognormal with median 100 and sigma 0.8, clipped to 8..512 (seeded), as every hf_loop benchmark uses.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 MEDIAN, SIGMA, MIN_LEN, MAX_LEN = 100, 0.8, 8, 512
 VOCAB = 30_000
@@ -69,6 +74,18 @@ def fast_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
+def hand_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A good hand-written numpy pad: one row assignment per example, the mask from lengths (the rows' own
+    ``attention_mask`` is ignored and nothing is checked) — the reference loader benchmarks compare against."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        ids[i, :n] = row["input_ids"]
+        mask[i, :n] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
 def timeit(fn: Callable[[], int], repeat: int = 5) -> float:
     """Best-of-``repeat`` throughput in samples/s; ``fn`` runs one pass and returns how many samples it did."""
     best = 0.0
@@ -91,8 +108,6 @@ def compare(fns: dict[str, Callable[[], int]], repeat: int = 5) -> dict[str, flo
 
 def machine() -> str:
     """One line describing where the numbers came from."""
-    import torch
-
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (load average {load} at the end: "
@@ -106,3 +121,24 @@ def table(rows: list[tuple[str, float]], anchor: float) -> str:
     lines = ["| path | samples/s | vs anchor |", "|---|---:|---:|"]
     lines += [f"| {name} | {rate:,.0f} | {rate / anchor:.1f}x |" for name, rate in rows]
     return "\n".join(lines)
+
+
+def arguments(doc: str, repeat: int | None = None, **sizes: int) -> argparse.ArgumentParser:
+    """The command line every benchmark takes: ``--<size> N`` for each size (``rows=16_000`` gives
+    ``--rows``), ``--repeat N`` when ``repeat`` has a default, and ``--out PATH`` (also write the report
+    there). Scripts add their own options to the parser it returns."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    if repeat is not None:
+        parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown report here as well")
+    return parser
+
+
+def emit(report: list[str], out: Path | None) -> None:
+    """Print the report's lines and, with ``--out``, write them to that file (one trailing newline)."""
+    text = "\n".join(report) + "\n"
+    print(text, end="")
+    if out:
+        Path(out).write_text(text)

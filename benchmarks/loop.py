@@ -18,7 +18,6 @@ Run: python benchmarks/loop.py [--steps 40] [--repeat 3] [--out benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import sys
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import lognormal_lengths, machine  # noqa: E402
+from common import arguments, emit, lognormal_lengths, machine  # noqa: E402
 
 import hf_loop as hl  # noqa: E402
 
@@ -196,14 +195,11 @@ def input_stall(steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser = arguments(__doc__, repeat=3, steps=40)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadier on shared CPUs)"
     )
     parser.add_argument("--stall", action="store_true", help="also measure the CUDA input stall")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     _, overhead_table = overhead(args.steps, args.repeat)
@@ -222,10 +218,7 @@ def main() -> None:
         else:
             report += ["GPU input stall: not measured (no CUDA device here).", ""]
     report += [f"Machine: {machine()}"]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,34 +15,30 @@ Run: python benchmarks/map_loader.py [--rows 16000] [--repeat 3] [--out benchmar
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import compare, fast_tokenizer, machine, make_tokenized_dataset, table  # noqa: E402
+from common import (  # noqa: E402
+    arguments,
+    compare,
+    emit,
+    fast_tokenizer,
+    hand_pad,
+    machine,
+    make_tokenized_dataset,
+    table,
+)
 
 import hf_loop as hl  # noqa: E402
 
 BATCH = 32
-
-
-def hand_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """A good hand-written numpy pad: one row assignment per example, the mask from lengths."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        ids[i, :n] = row["input_ids"]
-        mask[i, :n] = 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def torch_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -64,11 +60,7 @@ def epoch(loader) -> callable:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=16_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=3, rows=16_000).parse_args()
 
     from transformers import DataCollatorWithPadding
 
@@ -125,10 +117,7 @@ def main() -> None:
         "scope), so it can beat the plain-DataLoader row although it also keeps rng keys, padding statistics",
         "and a resumable position.",
     ]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

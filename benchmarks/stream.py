@@ -15,21 +15,19 @@ Run: python benchmarks/stream.py [--rows 20000] [--repeat 3] [--out benchmarks/r
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, make_tokenized_dataset, table  # noqa: E402
+from common import arguments, emit, hand_pad, machine, make_tokenized_dataset, table  # noqa: E402
 
 import hf_loop as hl  # noqa: E402
 
@@ -53,17 +51,6 @@ def stream_of(files: list[str]):
     from datasets import load_dataset
 
     return load_dataset("parquet", data_files=files, split="train", streaming=True)
-
-
-def hand_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """A good hand-written numpy pad: one row assignment per example, mask from lengths."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    ids = np.zeros((len(rows), max(lengths)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        ids[i, :n] = row["input_ids"]
-        mask[i, :n] = 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def torch_pad(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -141,11 +128,7 @@ def resume_times(files: list[str], repeat: int) -> tuple[float, float, int, int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeat=3, rows=20_000).parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         files = write_parquet(Path(tmp), args.rows)
@@ -209,10 +192,7 @@ def main() -> None:
         f"| replay the consumed batches (skip-based resume) | {replay:.3f} | 1.00x |",
         f"| hl load_state_dict (re-reads at most one window) | {resume:.3f} | {resume / replay:.3f}x |",
     ]
-    text = "\n".join(report) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
