@@ -16,6 +16,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from hf_loop.data.arrow import _arrow_lengths, arrow_cache, read_rows
 from hf_loop.data.columns import INDEX_KEY, Columns, _column_len
+from hf_loop.data.options import _checked_options
 from hf_loop.data.transform import Transform, _describe, _pickle_problem, _takes_rng
 from hf_loop.hub import DataError
 
@@ -65,16 +66,11 @@ class MapDataset(TorchDataset):
                 "this dataset has a set_transform/with_transform function, which MapDataset would bypass (it reads "
                 "the Arrow data itself); pass the function as MapDataset(ds.with_format(None), transform=fn)"
             )
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (batch -> batch), got {type(transform).__name__}")
-        if isinstance(columns, str):
-            raise TypeError(
-                f"columns must be a list of column names, got the string {columns!r}; use [{columns!r}]"
-            )
+        columns = _checked_options(transform, columns)
         self.ds = ds
         self._len = len(ds)  # datasets' __len__ is slow enough to show per batch
         self.transform = transform
-        self.columns = None if columns is None else list(columns)
+        self.columns = columns
         self.seed = seed
         self.rename_label = rename_label
         self._with_rng = transform is not None and _takes_rng(transform)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from torch.utils.data import IterableDataset
 
 from hf_loop.data import Transform, _column_len, _describe, _pickle_problem, _takes_rng
+from hf_loop.data.options import _checked_options
 from hf_loop.hub import DataError
 from hf_loop.stream.plan import MixPlan, StreamPlan, build_plan, check_no_idle, check_source, layout_for
 from hf_loop.stream.reader import BoundStream
@@ -101,12 +102,7 @@ class StreamDataset(IterableDataset):
             check_source(source)
         self.sources = sources
         self.weights = _check_weights(weights, sources)
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable (batch -> batch), got {type(transform).__name__}")
-        if isinstance(columns, str):
-            raise TypeError(
-                f"columns must be a list of column names, got the string {columns!r}; use [{columns!r}]"
-            )
+        columns = _checked_options(transform, columns)
         for name, value in (("shuffle_buffer", shuffle_buffer), ("window", window)):
             if value is not None and (
                 not isinstance(value, int) or value < (0 if name == "shuffle_buffer" else 1)
@@ -118,7 +114,7 @@ class StreamDataset(IterableDataset):
             raise TypeError(f"bucket must be a column name such as 'input_ids', got {bucket!r}")
         self.ds = sources[0]
         self.transform = transform
-        self.columns = None if columns is None else list(columns)
+        self.columns = columns
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.rename_label = rename_label
