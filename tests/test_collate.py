@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_loop as hl
+from hf_loop.collate._fields import _list_buffers
 
 
 def reference_pad(seqs, pad, side="right", multiple=None, max_length=None, truncation_side="right"):
@@ -159,6 +160,85 @@ def test_chunked_arrow_and_columnar_dicts():
     matrix = hl.PadCollator(pad_to_multiple_of=4)({"input_ids": np.array([[1, 2], [3, 4]])})
     assert matrix["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 0, 0]]
     assert hl.PadCollator()([]) == {}
+
+
+def arrow_lists(rows, list_type, value_type, skip_rows, junk, child_offset):
+    """``rows`` as an Arrow list array laid out the ways a real batch can be: ``skip_rows`` rows before it
+    (taken away by ``arr.slice``), ``junk`` values before the first row's values in the child array, reached
+    through the child's own offset (``child_offset``) or through offsets that do not start at zero."""
+    before = [[9] * (i + 1) for i in range(skip_rows)]
+    flat = [9] * junk + [v for row in before + rows for v in row]
+    bounds = np.cumsum([0] + [len(row) for row in before + rows]).tolist()
+    large = list_type is pa.large_list
+    array_type = pa.LargeListArray if large else pa.ListArray
+    if child_offset:
+        values = pa.array(flat, type=value_type).slice(junk)
+    else:
+        values, bounds = pa.array(flat, type=value_type), [junk + b for b in bounds]
+    whole = array_type.from_arrays(pa.array(bounds, type=pa.int64() if large else pa.int32()), values)
+    return whole.slice(skip_rows, len(rows))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(1, 100), max_size=12), min_size=1, max_size=8),
+    list_type=st.sampled_from([pa.list_, pa.large_list]),
+    value_type=st.sampled_from([pa.int8(), pa.int32(), pa.int64(), pa.uint16()]),
+    skip_rows=st.integers(0, 3),
+    junk=st.integers(0, 5),
+    child_offset=st.booleans(),
+    split=st.integers(0, 8),
+)
+def test_arrow_buffers_read_directly_match_the_reference(
+    rows, list_type, value_type, skip_rows, junk, child_offset, split
+):
+    arr = arrow_lists(rows, list_type, value_type, skip_rows, junk, child_offset)
+    assert arr.to_pylist() == rows  # the layout is the batch it claims to be
+    assert _list_buffers(arr) is not None  # np.frombuffer over the offsets and values, not the general path
+    column = pa.chunked_array([arr.slice(0, split), arr.slice(split)]) if 0 < split < len(rows) else arr
+    out = hl.PadCollator()(hl.Columns({"input_ids": column}))
+    ids, mask = reference_pad(rows, 0)
+    assert out["input_ids"].dtype == torch.long
+    assert out["input_ids"].tolist() == ids and out["attention_mask"].tolist() == mask
+
+
+def test_arrow_edge_layouts_match_the_reference():
+    collate = hl.PadCollator(pad_values={"w": -1.0})
+    cases = [
+        [[], [], []],  # only empty lists: width 0
+        [[3], [], [4, 5, 6], []],
+    ]
+    for rows in cases:
+        for list_type in (pa.list_, pa.large_list):
+            arr = arrow_lists(rows, list_type, pa.int32(), skip_rows=2, junk=3, child_offset=True)
+            out = collate(hl.Columns({"input_ids": arr}))
+            ids, mask = reference_pad(rows, 0)
+            assert out["input_ids"].shape == (len(rows), max(map(len, rows)))
+            assert out["input_ids"].tolist() == ids and out["attention_mask"].tolist() == mask
+    floats = [[0.5, 1.5], [2.5], [3.5, 4.5, 5.5]]
+    arr = arrow_lists(floats, pa.list_, pa.float32(), skip_rows=1, junk=2, child_offset=False)
+    assert _list_buffers(arr) is not None
+    assert collate(hl.Columns({"w": arr}))["w"].tolist() == reference_pad(floats, -1.0)[0]
+
+
+def test_arrow_lists_with_nulls_take_the_general_path():
+    # The child array has a validity bitmap and a null, but outside the rows of this batch: the buffer
+    # reader steps aside (it cannot tell where the null is cheaply) and the general path pads the rows.
+    values = pa.array([None, 1, 2, 3, 4, 5, None], type=pa.int64())
+    arr = pa.ListArray.from_arrays(pa.array([1, 3, 3, 6], type=pa.int32()), values)
+    assert _list_buffers(arr) is None
+    out = hl.PadCollator()(hl.Columns({"input_ids": arr}))
+    ids, mask = reference_pad([[1, 2], [], [3, 4, 5]], 0)
+    assert out["input_ids"].tolist() == ids and out["attention_mask"].tolist() == mask
+    # Null rows sliced away leave a validity bitmap without nulls: still the direct buffer read.
+    sparse = pa.array([None, [7, 8], [9], None], type=pa.list_(pa.int32())).slice(1, 2)
+    assert _list_buffers(sparse) is not None
+    assert hl.PadCollator()(hl.Columns({"input_ids": sparse}))["input_ids"].tolist() == [[7, 8], [9, 0]]
+    with pytest.raises(ValueError, match="field 'input_ids' holds null values inside its rows; fill them"):
+        hl.PadCollator()(hl.Columns({"input_ids": pa.array([[1, None], [2]])}))
+    chunked = pa.chunked_array([pa.array([[1]]), pa.array([None, [2]], type=pa.list_(pa.int64()))])
+    with pytest.raises(ValueError, match=r"field 'input_ids', row 1 is null \(None\)"):
+        hl.PadCollator()(hl.Columns({"input_ids": chunked}))
 
 
 def test_for_tokenizer_matches_data_collator_with_padding(tokenizer):
