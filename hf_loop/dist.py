@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -211,12 +210,3 @@ class even_steps:  # noqa: N801 - used like a function: `for batch in hl.even_st
 
 
 _END = object()
-
-
-def is_picklable(obj: Any) -> bool:
-    """True when ``obj`` survives pickling (what DataLoader workers under spawn need)."""
-    try:
-        pickle.dumps(obj)
-    except Exception:
-        return False
-    return True

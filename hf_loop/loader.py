@@ -159,11 +159,6 @@ class Loader(DataLoader):
             False  # the epoch advances lazily, at the next pass, so state_dict still sees it
         )
 
-    @property
-    def sampler_object(self) -> Any:
-        """The hf_loop sampler that orders a map-style dataset (None for streams)."""
-        return self._batches.sampler if self._batches is not None else None
-
     def set_epoch(self, epoch: int) -> None:
         """Order the next pass as epoch ``epoch``.
 
