@@ -12,8 +12,9 @@ from hf_loop.collate import PackCollator, PadCollator
 from hf_loop.config import TrainConfig, TrainResult
 from hf_loop.data import INDEX_KEY, Columns, MapDataset, to_torch
 from hf_loop.dist import DistEnv, even_steps, init_distributed, shutdown_distributed
+from hf_loop.errors import CheckpointError, DataError
 from hf_loop.evaluation import count_parameters, evaluate, predict
-from hf_loop.hub import DataError, load
+from hf_loop.hub import load
 from hf_loop.loader import Loader, make_loader
 from hf_loop.loop import train
 from hf_loop.report import plot_run
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "INDEX_KEY",
+    "CheckpointError",
     "Columns",
     "DataError",
     "DistEnv",

@@ -19,21 +19,11 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.naming import camelcase_to_snakecase
 from datasets.packaged_modules import _EXTENSION_TO_MODULE, _PACKAGED_DATASETS_MODULES
 
+from hf_loop.errors import DataError
+
 __all__ = ["DataError", "cached_configs", "cached_datasets", "load"]
 
 _PARQUET_BRANCH = "refs/convert/parquet"
-
-
-class DataError(ValueError):
-    """Bad or unavailable data. The message names what was asked, what exists, and the fix.
-
-    Example:
-        >>> try:
-        ...     load("/no/such/folder")
-        ... except DataError as e:          # also a ValueError
-        ...     print(str(e)[:56])
-        no dataset at '/no/such/folder': the path does not exist
-    """
 
 
 def load(

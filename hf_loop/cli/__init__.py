@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 
 SAMPLERS = ("random", "weighted", "length", "tokens")
 

@@ -18,7 +18,7 @@ from hf_loop.data.arrow import _arrow_lengths, arrow_cache, read_rows
 from hf_loop.data.columns import INDEX_KEY, Columns, _column_len
 from hf_loop.data.options import _checked_options
 from hf_loop.data.transform import Transform, _describe, _pickle_problem, _takes_rng
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 
 
 class MapDataset(TorchDataset):

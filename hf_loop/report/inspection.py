@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 from hf_loop.report.numbers import DataReport
 from hf_loop.report.plots import plot_lengths
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"  # written by hl.train into TrainConfig.out_dir (loop.py)
 _PLOT_FIX = "matplotlib is needed for plots: pip install 'hf-loop[plot]' (or pip install matplotlib)"

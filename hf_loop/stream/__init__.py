@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset
 
 from hf_loop.data import Transform, _column_len, _describe, _pickle_problem, _takes_rng
 from hf_loop.data.options import _checked_options
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 from hf_loop.stream.plan import MixPlan, StreamPlan, build_plan, check_no_idle, check_source, layout_for
 from hf_loop.stream.reader import BoundStream
 from hf_loop.stream.source import Source

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from datasets.packaged_modules.parquet.parquet import Parquet
 
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 
 # Iterables that mix several sources with their own random state: a reader cannot take an exact share of them.
 _MIXING = ("RandomlyCyclingMultiSourcesExamplesIterable", "CyclingMultiSourcesExamplesIterable")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from hf_loop.data import Columns, _arrow_lengths, _column_len
-from hf_loop.hub import DataError
+from hf_loop.errors import DataError
 from hf_loop.stream.source import Cursor, Source
 
 # item kinds: a full batch, a reader's short last batch (merged in the main process), end of the reader

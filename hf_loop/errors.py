@@ -1,0 +1,23 @@
+"""The typed errors every layer raises. Each message names what was received, what was expected, and the fix."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad or unavailable data. The message names what was asked, what exists, and the fix.
+
+    Example:
+        >>> from hf_loop.hub import load
+        >>> try:
+        ...     load("/no/such/folder")
+        ... except DataError as e:          # also a ValueError
+        ...     print(str(e)[:56])
+        no dataset at '/no/such/folder': the path does not exist
+    """
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or resumed: another run's, damaged, or the disk is full.
+
+    The message names the checkpoint (or ``out_dir``), what differs or failed, and the fix.
+    """
