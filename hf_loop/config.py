@@ -32,7 +32,9 @@ class TrainConfig:
     unless ``greater_is_better``), ``patience`` evaluations without improvement before early stopping,
     ``ddp_find_unused_parameters`` / ``ddp_static_graph`` (DistributedDataParallel options), ``model_inputs``
     (the batch keys passed to the model; default: what ``forward`` names), ``export`` (``save_pretrained`` of the
-    final model into ``out_dir/final`` for transformers models).
+    final model into ``out_dir/final`` for transformers models), ``resume_allow`` (identity parts — "model",
+    "data", "optimizer" — that may differ from the checkpoint's when resuming on purpose: another copy of the
+    pretrained weights, re-created data, a new optimizer class, which then starts fresh).
 
     Example:
         >>> config = TrainConfig(epochs=3, grad_accum=4, precision="bf16", max_grad_norm=1.0, out_dir="runs/a")
@@ -63,6 +65,7 @@ class TrainConfig:
     ddp_static_graph: bool = False
     model_inputs: Sequence[str] | None = None
     export: bool = True
+    resume_allow: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum", "log_every", "keep_last"):
@@ -118,6 +121,13 @@ class TrainConfig:
             )
         if self.model_inputs is not None:
             object.__setattr__(self, "model_inputs", tuple(self.model_inputs))
+        allowed = ("model", "data", "optimizer")
+        if isinstance(self.resume_allow, str) or not all(part in allowed for part in self.resume_allow):
+            raise ValueError(
+                f"TrainConfig.resume_allow must be a tuple of identity parts from {allowed} (what may differ "
+                f"from the checkpoint when resuming), got {self.resume_allow!r}"
+            )
+        object.__setattr__(self, "resume_allow", tuple(self.resume_allow))
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
 
@@ -147,8 +157,9 @@ class TrainResult:
     ``train_loss`` is the mean over every logged step of this call (weighted by loss targets), ``last_loss`` the
     last log window's; ``eval`` the last evaluation; ``checkpoint`` the last file written and
     ``best_checkpoint`` the one with the best ``best_metric``; ``padding`` the loader's share of padded token
-    slots. ``stop_reason``: "completed" | "early_stopping" | "sigterm" (a checkpoint was written; rerun the
-    same command to continue).
+    slots; ``unread_examples`` the examples a distributed stream's epochs ended without (``even_steps``).
+    ``stop_reason``: "completed" | "early_stopping" | "sigterm" | "interrupted" (Ctrl-C; for both a checkpoint
+    was written: rerun the same command to continue).
 
     Example:
         >>> result = hl.train(model, loader, optimizer, TrainConfig(epochs=1))     # doctest: +SKIP
@@ -169,6 +180,7 @@ class TrainResult:
     padding: float | None = None
     stop_reason: str = "completed"
     resumed_from: Path | None = None
+    unread_examples: int = 0
 
     @property
     def stopped_early(self) -> bool:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hf_loop.data import INDEX_KEY
 from hf_loop.dist import DistEnv, all_gather_object, batch_size_of, default_device
+from hf_loop.feed import staged
 from hf_loop.steps import (
     IGNORE_INDEX,
     ModelInputs,
@@ -24,7 +25,6 @@ from hf_loop.steps import (
     call_loss_fn,
     count_targets,
     loss_of,
-    staged,
     unwrap,
 )
 

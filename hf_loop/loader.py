@@ -216,6 +216,19 @@ class Loader(DataLoader):
             )
         return super().__len__()
 
+    def batches_left(self) -> int | None:
+        """Batches the next pass yields on this rank from the current (possibly resumed) position; None for a
+        stream. Computed from the sampler's order, without reading data."""
+        if self._tracker is not None:
+            return None
+        if self._pass_complete:
+            return len(self)
+        sampler, batch_size = self._batches.sampler, self._batches.batch_size
+        left = len(sampler.items()) if hasattr(sampler, "items") else len(sampler)
+        if getattr(sampler, "yields_batches", False):
+            return left
+        return left // batch_size if self._batches.drop_last else -(-left // batch_size)
+
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """The position after ``consumed`` batches of the current pass (default: all yielded so far).
 

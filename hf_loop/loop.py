@@ -1,44 +1,115 @@
 """The training loop: ``train``, plus re-exports of ``TrainConfig`` and ``evaluate``/``predict``.
 
-``train`` reads top to bottom: setup -> resume -> epochs -> micro-steps -> optimizer step -> log/eval/checkpoint
--> teardown. Helpers sit above it. Per-batch bookkeeping (which keys reach the model, how many loss targets a batch
-holds, device staging) lives in ``steps.py``; files in ``checkpoint.py``; evaluation in ``evaluation.py``;
-settings in ``config.py``.
+``train`` reads top to bottom: setup -> resume -> epochs -> optimizer steps -> log/evaluate/checkpoint -> export.
+The components above it decide their own timing: the :class:`~hf_loop.logs.Reporter` knows its log steps, the
+:class:`Evaluator` when to evaluate, the :class:`~hf_loop.checkpoint.Checkpointer` when to save, the
+:class:`StopSignals` whether a signal asked the run to stop. The run's position is one
+:class:`~hf_loop.state.TrainState` plus the training loader's own state (``feed.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
 import signal
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hf_loop import checkpoint
+from hf_loop.checkpoint import Checkpointer, run_identity
 from hf_loop.config import TrainConfig, TrainResult
-from hf_loop.dist import DistEnv, all_reduce, broadcast_object, default_device, even_steps
+from hf_loop.dist import DistEnv, all_reduce, default_device
 from hf_loop.evaluation import ParameterTable, count_parameters, evaluate, predict
-from hf_loop.steps import (
-    ModelInputs,
-    Window,
-    accumulate,
-    loader_length,
-    optimizer_step,
-    set_epoch,
-    staged,
-)
+from hf_loop.feed import Feed
+from hf_loop.logs import Reporter
+from hf_loop.state import RandomState, TrainState
+from hf_loop.steps import ModelInputs, TrainStep
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "predict", "count_parameters", "ParameterTable"]
 
 logger = logging.getLogger("hf_loop")
+
+
+class StopSignals:
+    """SIGTERM (preemption) and a first Ctrl-C (SIGINT) ask the run to stop at the next step boundary, after a
+    checkpoint; a second Ctrl-C aborts at once (``KeyboardInterrupt``). The previous handlers come back on exit.
+
+    Under DDP the ranks agree on a stop at log steps (``agree``), where they synchronise anyway.
+    """
+
+    CODES = {None: 0, "sigterm": 1, "interrupted": 2}
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.reason == "interrupted":
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+            logger.warning(
+                "Ctrl-C: stopping after this step (with a checkpoint); press Ctrl-C again to abort"
+            )
+        self.reason = self.reason or ("interrupted" if signum == signal.SIGINT else "sigterm")
+
+    def agree(self) -> None:
+        if self.env.distributed:
+            code = int(all_reduce(self.CODES[self.reason], self.env, op="max"))
+            self.reason = {v: k for k, v in self.CODES.items()}[code]
+
+    def now(self, log_step: bool) -> str | None:
+        """The stop asked for, if the ranks can act on it at this step (any step alone, log steps under DDP)."""
+        return self.reason if log_step or not self.env.distributed else None
+
+
+class Evaluator:
+    """Evaluates every ``eval_every`` steps (else at each epoch's end) and at the end; tracks the best metric."""
+
+    def __init__(self, model: torch.nn.Module, loader: Iterable | None, *, config: TrainConfig, env: DistEnv,
+                 loss_fn: Callable | None, metrics: Mapping[str, Callable] | None, state: TrainState,
+                 report: Reporter) -> None:  # fmt: skip
+        self.model, self.loader, self.config, self.env = model, loader, config, env
+        self.loss_fn, self.metrics, self.state, self.report = loss_fn, metrics, state, report
+        self.last: dict[str, float] = {}
+        self.last_step = -1
+
+    def should_run(self, step: int, *, epoch_end: bool, final: bool) -> bool:
+        if self.loader is None or step == self.last_step:
+            return False
+        every = self.config.eval_every
+        return final or (step % every == 0 if every else epoch_end)
+
+    def run(self, step: int) -> bool:
+        """Evaluate; True when ``best_metric`` improved (the loop then checkpoints this step)."""
+        result = evaluate(self.model, self.loader, loss_fn=self.loss_fn, metrics=self.metrics, env=self.env,
+                          precision=self.config.precision)  # fmt: skip
+        metric = self.config.best_metric
+        if metric not in result:
+            raise ValueError(
+                f"TrainConfig.best_metric={metric!r} is not among the eval results {sorted(result)}; pass it in "
+                "metrics= or choose one of those"
+            )
+        self.last, self.last_step = result, step
+        improved = self.state.record_eval(result[metric], greater_is_better=self.config.greater_is_better)
+        self.report.emit({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+        return improved
+
+    def patience_spent(self) -> bool:
+        return self.config.patience is not None and self.state.bad_evals >= self.config.patience
 
 
 def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -46,6 +117,12 @@ def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tota
         return config.scheduler
     from transformers import get_scheduler
 
+    if config.warmup_steps > total_steps:
+        warnings.warn(
+            f"TrainConfig.warmup_steps={config.warmup_steps} is longer than the run ({total_steps} steps): the "
+            "learning rate never reaches its peak. Lower warmup_steps or train longer",
+            stacklevel=3,
+        )
     return get_scheduler(
         config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
     )
@@ -64,191 +141,46 @@ def _wrap(model: torch.nn.Module, config: TrainConfig, env: DistEnv) -> torch.nn
     return model
 
 
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    """Turn SIGTERM (preemption) into a flag the loop checks at step boundaries; restore the handler after."""
-    flag = {"set": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(set=True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@dataclass
-class _Run:
-    """The objects one ``train`` call works with, so the helpers below take one argument, not fifteen."""
-
-    raw: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler | None
-    loader: Iterable
-    config: TrainConfig
-    env: DistEnv
-    eval_loader: Iterable | None
-    loss_fn: Callable | None
-    metrics: Mapping[str, Callable] | None
-    on_log: Callable[[dict[str, Any]], None] | None
-    identity: dict[str, Any] | None = None
-    bar: Any = None
-    progress: dict[str, Any] = field(
-        default_factory=lambda: {
-            "step": 0,
-            "epoch": 0,
-            "consumed": 0,
-            "best": None,
-            "best_path": None,
-            "bad_evals": 0,
-            "finished": None,
-        }
-    )
-    model: torch.nn.Module | None = None  # raw, or wrapped by torch.compile / DDP
-    inputs: ModelInputs | None = None
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    window: Window | None = None
-    last_eval_step: int = -1
-    taken: int = 0  # batches taken from the loader's current iteration (its state counts from there)
-    last_eval: dict[str, float] = field(default_factory=dict)
-    saved: Path | None = None
-    saved_step: int = -1
-
-    def resume(self, path: Path) -> None:
-        """Load the checkpoint at ``path`` after checking it belongs to this model and data."""
-        state = checkpoint.load(path)
-        checkpoint.check_identity(state["identity"], self.identity, path)
-        objects = {
-            k: getattr(self, k) for k in ("raw", "optimizer", "scheduler", "scaler", "loader", "config")
-        }
-        checkpoint.restore(state, path=path, env=self.env, **objects)
-        progress = self.progress
-        progress.update({k: state[k] for k in progress})
-        if getattr(self.loader, "epoch", progress["epoch"]) != progress["epoch"]:  # saved at an epoch's end
-            progress.update(epoch=self.loader.epoch, consumed=0)
-        self.saved, self.saved_step, self.last_eval_step = path, progress["step"], progress["step"]
-
-    def step(self, micro: list[dict[str, Any]], log_now: bool) -> tuple[torch.Tensor | None, bool]:
-        """Forward/backward over one optimizer step's micro-batches, then the optimizer step itself."""
-        config = self.config
-        factor, losses = accumulate(micro, model=self.model, inputs=self.inputs, loss_fn=self.loss_fn,
-                                    scaler=self.scaler, config=config, env=self.env)  # fmt: skip
-        norm, skipped = optimizer_step(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                                       params=self.params, config=config, factor=factor, want_norm=log_now)  # fmt: skip
-        if skipped:
-            bad = self.progress["bad_steps"] = self.progress.get("bad_steps", 0) + 1
-            logger.warning(
-                "step %d: non-finite gradient norm, step skipped (%d in a row)",
-                self.progress["step"] + 1,
-                bad,
-            )
-            if bad >= config.max_bad_steps:
-                raise FloatingPointError(
-                    f"{bad} optimizer steps in a row had a non-finite gradient norm (last at step "
-                    f"{self.progress['step'] + 1}); lower the learning rate, use bf16 instead of fp16, or set "
-                    "max_grad_norm"
-                )
-        else:  # a skipped step's (non-finite) loss stays out of the logs
-            for (loss_sum, count), batch in zip(losses, micro):
-                self.window.add(loss_sum, count, batch)
-            self.progress["step"] += 1
-            self.progress.pop("bad_steps", None)
-        return norm, skipped
-
-    def finish(self, stop_reason: str) -> None:
-        """Final evaluation, final checkpoint and ``save_pretrained`` export, unless a rerun has nothing new."""
-        if stop_reason == "sigterm" or (
-            self.saved_step == self.progress["step"] and self.progress["finished"]
-        ):
-            return
-        if self.eval_loader is not None and self.last_eval_step != self.progress["step"]:
-            self.evaluate()
-        self.progress["finished"] = stop_reason
-        if self.config.out_dir is not None:
-            self.save()
-            if self.config.export and self.env.is_main and hasattr(self.raw, "save_pretrained"):
-                self.raw.save_pretrained(Path(self.config.out_dir) / "final")
-
-    def emit(self, record: dict[str, Any]) -> None:
-        if not self.env.is_main:
-            return
-        if self.config.out_dir is not None:
-            with open(Path(self.config.out_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.bar is not None and "loss" in record:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if self.on_log is not None:
-            self.on_log(record)
-
-    def save(self) -> Path:
-        path = checkpoint.path_for(self.config.out_dir, self.progress["step"])
-        objects = {
-            k: getattr(self, k) for k in ("raw", "optimizer", "scheduler", "scaler", "loader", "config")
-        }
-        self.saved = checkpoint.save_training(
-            path, env=self.env, progress=self.progress, consumed=self.taken, identity=self.identity, **objects
+def _check_arguments(config: TrainConfig, feed: Feed, loader: Iterable, eval_loader: Iterable | None) -> None:
+    if feed.per_epoch is None and config.max_steps is None:
+        raise ValueError(
+            f"the training loader ({type(loader).__name__}) has no length (a stream), so the run length is "
+            "unknown: set TrainConfig(max_steps=...)"
         )
-        self.saved_step = self.progress["step"]
-        return self.saved
-
-    def evaluate(self) -> dict[str, float]:
-        """Evaluate, track the best metric and patience, and checkpoint a new best."""
-        result = evaluate(
-            self.raw,
-            self.eval_loader,
-            loss_fn=self.loss_fn,
-            metrics=self.metrics,
-            env=self.env,
-            precision=self.config.precision,
+    if feed.per_epoch == 0:
+        dataset = getattr(loader, "dataset", None)
+        rows = len(dataset) if hasattr(dataset, "__len__") else "?"
+        batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        raise ValueError(
+            f"the training loader yields no batch (dataset of {rows} rows, batch_size={batch_size}): the dataset "
+            "is empty, or drop_last=True with a batch_size larger than each rank's share. Lower batch_size or "
+            "pass drop_last=False"
         )
-        self.last_eval_step = self.progress["step"]
-        metric = self.config.best_metric
-        if metric not in result:
+    for option, what in (("patience", "early stopping"), ("eval_every", "periodic evaluation")):
+        if getattr(config, option) is not None and eval_loader is None:
             raise ValueError(
-                f"TrainConfig.best_metric={metric!r} is not among the eval results {sorted(result)}; "
-                "pass it in metrics= or choose one of those"
+                f"TrainConfig.{option} ({what}) needs eval_loader= to evaluate on; pass one or drop {option}"
             )
-        best = self.progress["best"]
-        value = result[metric]
-        if best is None or (value > best if self.config.greater_is_better else value < best):
-            self.progress.update(best=value, bad_evals=0)
-            if self.config.out_dir is not None:
-                self.progress["best_path"] = str(
-                    checkpoint.path_for(self.config.out_dir, self.progress["step"])
-                )
-                self.save()
-        else:
-            self.progress["bad_evals"] += 1
-        self.emit({"step": self.progress["step"], **{f"eval_{k}": v for k, v in result.items()}})
-        self.last_eval = result
-        return result
+    if config.out_dir is not None and not hasattr(loader, "state_dict"):
+        raise TypeError(
+            f"checkpoints in out_dir need a resumable loader with state_dict(consumed=...), got "
+            f"{type(loader).__name__}; build it with hl.make_loader(...)"
+        )
 
-    def log(self, window: Window, norm: torch.Tensor | None) -> dict[str, Any]:
-        stats = window.flush(self.env)
-        grad_norm = None if norm is None else float(norm)
-        if not math.isfinite(stats["loss"]) or (
-            self.scaler is None and grad_norm is not None and not math.isfinite(grad_norm)
-        ):
-            raise FloatingPointError(
-                f"training diverged by step {self.progress['step']}: loss {stats['loss']}, gradient norm "
-                f"{grad_norm}. Lower the learning rate, or set TrainConfig(max_bad_steps=N) to skip such steps"
-            )
-        record = {
-            "step": self.progress["step"],
-            "epoch": self.progress["epoch"],
-            "loss": stats["loss"],
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "samples_per_s": stats["samples_per_s"],
-            "tokens_per_s": stats["tokens_per_s"],
-            "padding": stats["padding"],
-        }
-        if self.env.device.type == "cuda":
-            record["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
-        self.emit(record)
-        return stats
+
+def _run_length(state: TrainState, feed: Feed, config: TrainConfig) -> int:
+    """Optimizer steps of the whole run, from global quantities, so a resume on another world size (or per-rank
+    batch) continues the same global order and trains every example ``epochs`` times."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if state.epoch >= config.epochs:
+        return state.step
+    return state.step + feed.steps_left() + (config.epochs - state.epoch - 1) * feed.steps_per_epoch()
+
+
+def _export(model: torch.nn.Module, config: TrainConfig, env: DistEnv) -> None:
+    if config.export and config.out_dir is not None and env.is_main and hasattr(model, "save_pretrained"):
+        model.save_pretrained(Path(config.out_dir) / "final")
 
 
 def train(
@@ -263,12 +195,12 @@ def train(
     metrics: Mapping[str, Callable[[Any, Any], float]] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model``; resume from the newest checkpoint in ``config.out_dir`` when there is one.
+    """Train ``model``; resume from the newest checkpoint in ``config.out_dir`` that verifies, if any.
 
     Under ``torchrun`` pass ``env=hl.init_distributed()`` and a loader built with ``make_loader(env=env)``: the
-    model is wrapped in DistributedDataParallel, rank 0 logs and writes checkpoints. On SIGTERM (preemption)
-    a checkpoint is written at the next optimizer step (under DDP: the next log step, where the ranks agree)
-    and ``train`` returns with ``stop_reason="sigterm"``; the same command resumes.
+    model is wrapped in DistributedDataParallel; rank 0 logs. On SIGTERM (preemption) or a first Ctrl-C a
+    checkpoint is written at the next optimizer step (under DDP: the next log step, where the ranks agree) and
+    ``train`` returns with ``stop_reason`` "sigterm" or "interrupted"; the same command resumes.
 
     Args:
         loss_fn: ``fn(outputs, batch)`` returning the mean loss, or ``(loss_sum, count)``; default: the model's
@@ -279,142 +211,105 @@ def train(
         on_log: called on rank 0 with each log record (the same dicts as ``out_dir/metrics.jsonl``).
 
     Example:
-        >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=32)
-        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-        >>> result = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=2, out_dir="runs/a"))
-        >>> result.train_loss                                                     # doctest: +SKIP
-        0.42
+        >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=32)                  # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)                # doctest: +SKIP
+        >>> result = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=2, out_dir="runs/a"))  # doctest: +SKIP
     """
-    # -- setup: run length, device, which batch keys reach the model, scheduler, scaler
+    # -- setup: the data feed, the run's state, and every object a checkpoint holds
     env = env or DistEnv(device=default_device())
-    per_epoch = loader_length(train_loader)
-    if per_epoch is None and config.max_steps is None:
-        raise ValueError(
-            f"the training loader ({type(train_loader).__name__}) has no length (a stream), so the run length "
-            "is unknown: set TrainConfig(max_steps=...)"
-        )
-    total_steps = config.max_steps or config.epochs * math.ceil(per_epoch / config.grad_accum)
-    if config.patience is not None and eval_loader is None:
-        raise ValueError("TrainConfig.patience (early stopping) needs eval_loader= to measure the metric")
-    if config.out_dir is not None and not hasattr(train_loader, "state_dict"):
-        raise TypeError(
-            f"checkpoints in out_dir need a resumable loader with state_dict(consumed=...), got "
-            f"{type(train_loader).__name__}; build it with hl.make_loader(...)"
-        )
+    feed = Feed(train_loader, env, config.grad_accum)
+    _check_arguments(config, feed, train_loader, eval_loader)
     raw = model.to(env.device)
-    scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # loop owns it
-    run = _Run(raw=raw, optimizer=optimizer, scheduler=_build_scheduler(config, optimizer, total_steps),
-               scaler=scaler, loader=train_loader, config=config, env=env, eval_loader=eval_loader,
-               loss_fn=loss_fn, metrics=metrics, on_log=on_log, inputs=ModelInputs(raw, config.model_inputs),
-               window=Window(env.device), params=[p for p in raw.parameters() if p.requires_grad])  # fmt: skip
-    progress = run.progress
+    state = TrainState()
+    scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # the loop owns it
+    states = {"model": raw, "optimizer": optimizer, "scheduler": None, "scaler": scaler, "loader": feed,
+              "train_state": state, "rng": RandomState()}  # fmt: skip
+    identity = run_identity(raw, train_loader, optimizer) if config.out_dir is not None else {}
+    checkpoints = Checkpointer(config, env, states, identity=identity, finite=lambda: step.finite())
 
-    # -- resume: the newest complete checkpoint, refused when it belongs to another model or dataset
-    torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks, as with one seed per GPU
-    # Rank 0 decides which checkpoint every rank resumes from, so no rank can pick another file.
-    resumed_from = broadcast_object(checkpoint.latest(config.out_dir), env)
-    if resumed_from is not None and not resumed_from.exists():
-        raise FileNotFoundError(
-            f"rank {env.rank} cannot see {resumed_from}, the checkpoint rank 0 resumes from: out_dir must be on a "
-            "filesystem every node shares"
-        )
-    if config.out_dir is not None:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        if env.is_main:  # rank 0 alone writes, so it alone cleans up what a killed writer left
-            checkpoint.remove_stale_temporaries(config.out_dir)
-        run.identity = checkpoint.run_identity(raw, train_loader)
-    if resumed_from is not None:
-        run.resume(resumed_from)
-    run.model = _wrap(raw, config, env)
-    totals = {"loss_sum": 0.0, "targets": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0}
-    # A finished run can be extended (a larger max_steps or epochs); an early-stopped one stays stopped.
-    stop_reason = "early_stopping" if progress["finished"] == "early_stopping" else None
-    last_loss = None
-    if config.progress and env.is_main and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        run.bar = tqdm(total=total_steps, initial=progress["step"], desc="train", dynamic_ncols=True)
-    raw.train()
-    resuming = resumed_from is not None
-    with _sigterm_flag() as sigterm:
+    with checkpoints.lock(), StopSignals(env) as signals:
+        # -- resume from the newest checkpoint that verifies; the run length follows from its position
+        torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks, as with one per GPU
+        total = _resume(checkpoints, states, feed, config)
+        report = Reporter(config=config, env=env, total=total, start=state.step, on_log=on_log)
+        step = TrainStep(_wrap(raw, config, env), optimizer, scheduler=states["scheduler"], scaler=scaler,
+                         inputs=ModelInputs(raw, config.model_inputs), loss_fn=loss_fn, config=config, env=env,
+                         window=report.window)  # fmt: skip
+        evaluator = Evaluator(raw, eval_loader, config=config, env=env, loss_fn=loss_fn, metrics=metrics,
+                              state=state, report=report)  # fmt: skip
+        raw.train()
+        start = state.step
         try:
-            # -- epochs
-            while stop_reason is None and progress["step"] < total_steps:
-                # A resumed Loader keeps its position when told the epoch it is already in.
-                set_epoch(train_loader, progress["epoch"])
-                if not resuming:
-                    progress["consumed"] = 0
-                resuming = False
-                # Streams may run dry on one rank first: the ranks agree every step, so none hangs in DDP.
-                batches = (
-                    even_steps(train_loader, env) if per_epoch is None and env.distributed else train_loader
-                )
-                micro_batches = staged(batches, env.device)  # the next batch is copied while this step runs
-                run.taken = 0
-                epoch_done = False
-                while not epoch_done and stop_reason is None and progress["step"] < total_steps:
-                    # -- micro-steps: all of this optimizer step's batches first, so its target count is known
-                    micro = [batch for _, batch in zip(range(config.grad_accum), micro_batches)]
-                    if not micro:
-                        epoch_done = True
-                        break
-                    progress["consumed"] += len(micro)
-                    run.taken += len(micro)
-                    epoch_done = per_epoch is not None and progress["consumed"] >= per_epoch
-
-                    # -- optimizer step (a skipped one, with a non-finite gradient, is not counted)
-                    upcoming = progress["step"] + 1
-                    log_now = upcoming % config.log_every == 0 or upcoming == total_steps
-                    norm, skipped = run.step(micro, log_now)
-                    if skipped:
+            # -- epochs, then optimizer steps; the feed's look-ahead says when a step is its epoch's last
+            while state.stop_reason is None:
+                epoch = state.epoch
+                for micro in feed.epoch(epoch):
+                    log_now = report.due(state.step + 1)
+                    stepped, norm = step(micro, want_norm=log_now)
+                    if not stepped:  # a non-finite gradient: skipped, and not counted
+                        _count_bad_step(state, config)
                         continue
-                    if run.bar is not None:
-                        run.bar.update(1)
+                    state.step, state.bad_steps = state.step + 1, 0
+                    report.stepped()
+                    epoch_end = feed.ended
+                    if log_now:  # the only host sync of a default step
+                        report.log(state.step, epoch, optimizer.param_groups[0]["lr"], norm)
+                        signals.agree()
+                    if epoch_end:  # every rank agrees: map-style ranks have equal batches, streams even_steps
+                        state.epoch = epoch + 1
+                    state.stop_reason = "completed" if state.step >= total else signals.now(log_now)
+                    final = state.stop_reason == "completed"
+                    improved = evaluator.should_run(state.step, epoch_end=epoch_end, final=final) and (
+                        evaluator.run(state.step)
+                    )
+                    if state.stop_reason is None and evaluator.patience_spent():
+                        state.stop_reason = "early_stopping"
+                    checkpoints.save(state.step, force=improved or state.stop_reason is not None)
+                    if state.stop_reason is not None:
+                        break
+                if state.stop_reason is None:  # the epoch ended on a skipped (non-finite) step
+                    state.epoch = epoch + 1
 
-                    # -- log (the only host sync of a default step), evaluate, checkpoint, stop
-                    if log_now:
-                        stats = run.log(run.window, norm)
-                        last_loss = stats["loss"]
-                        totals = {k: totals[k] + stats[k] for k in totals}
-                        if env.distributed:  # preemption may reach the ranks at different steps: agree here
-                            sigterm["set"] = bool(all_reduce(int(sigterm["set"]), env, op="max"))
-                    every_eval = config.eval_every and progress["step"] % config.eval_every == 0
-                    if eval_loader is not None and (every_eval or (epoch_done and not config.eval_every)):
-                        run.evaluate()  # also checkpoints a new best
-                    preempted = sigterm["set"] and (log_now or not env.distributed)
-                    every_ckpt = config.checkpoint_every and progress["step"] % config.checkpoint_every == 0
-                    if (
-                        config.out_dir is not None
-                        and (every_ckpt or preempted)
-                        and run.saved_step != upcoming
-                    ):
-                        run.save()
-                    if preempted:
-                        stop_reason = "sigterm"
-                    elif config.patience is not None and progress["bad_evals"] >= config.patience:
-                        stop_reason = "early_stopping"
-                if epoch_done:
-                    if run.taken == 0 and progress["consumed"] == 0:  # a whole pass without one batch
-                        raise ValueError(
-                            f"the training loader yielded no batches in epoch {progress['epoch']} on rank "
-                            f"{env.rank}; check the dataset is not empty (and, for streams, has a shard for "
-                            "every rank)"
-                        )
-                    progress["epoch"] += 1
-                    progress["consumed"] = 0
-
-            # -- teardown: final eval, final checkpoint, export
-            stop_reason = stop_reason or "completed"
-            run.finish(stop_reason)
+            # -- teardown: the final model, for from_pretrained
+            if state.stop_reason in ("completed", "early_stopping") and state.step > start:
+                _export(raw, config, env)
         finally:
-            if run.bar is not None:
-                run.bar.close()
-    seconds = max(totals["seconds"], 1e-9)
+            report.close()
     return TrainResult(
-        steps=progress["step"], epochs=progress["epoch"], last_loss=last_loss, eval=run.last_eval,
-        train_loss=totals["loss_sum"] / totals["targets"] if totals["targets"] else None,
-        best_metric=progress["best"], best_checkpoint=Path(progress["best_path"]) if progress["best_path"] else None,
-        checkpoint=run.saved, samples_per_s=totals["samples"] / seconds, tokens_per_s=totals["tokens"] / seconds,
-        padding=getattr(getattr(train_loader, "padding", None), "waste", None), stop_reason=stop_reason,
-        resumed_from=resumed_from,
+        steps=state.step, epochs=state.epoch, train_loss=report.mean_loss(), last_loss=report.last_loss,
+        eval=evaluator.last, best_metric=state.best, checkpoint=checkpoints.path,
+        best_checkpoint=checkpoints.folder(state.best_step), samples_per_s=report.rate("samples"),
+        tokens_per_s=report.rate("tokens"), padding=getattr(getattr(train_loader, "padding", None), "waste", None),
+        stop_reason=state.stop_reason, resumed_from=checkpoints.resumed_from, unread_examples=feed.unread_examples,
     )  # fmt: skip
+
+
+def _resume(checkpoints: Checkpointer, states: dict[str, Any], feed: Feed, config: TrainConfig) -> int:
+    """Load the newest checkpoint: the position first (it decides the run length and so the scheduler), then
+    everything else. Returns the run length in optimizer steps."""
+    loaded = checkpoints.restore()
+    if loaded is not None:
+        checkpoints.apply(loaded, ("train_state", "loader"))
+    state = states["train_state"]
+    total = _run_length(state, feed, config)
+    states["scheduler"] = _build_scheduler(config, states["optimizer"], total)
+    if loaded is not None:
+        checkpoints.apply(loaded)
+    # A finished run can be extended (a larger max_steps or epochs); an early-stopped one stays stopped.
+    if state.step >= total:
+        state.stop_reason = "completed"
+    elif state.stop_reason != "early_stopping":
+        state.stop_reason = None
+    return total
+
+
+def _count_bad_step(state: TrainState, config: TrainConfig) -> None:
+    state.bad_steps += 1
+    logger.warning(
+        "step %d: non-finite gradient norm, step skipped (%d in a row)", state.step + 1, state.bad_steps
+    )
+    if state.bad_steps >= config.max_bad_steps:
+        raise FloatingPointError(
+            f"{state.bad_steps} optimizer steps in a row had a non-finite gradient norm (last at step "
+            f"{state.step + 1}); lower the learning rate, use bf16 instead of fp16, or set max_grad_norm"
+        )

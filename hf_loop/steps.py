@@ -1,17 +1,17 @@
-"""What one training step needs to know about a model and a batch.
+"""One training step, and what it needs to know about a model and a batch.
 
 Which batch keys reach ``model.forward``, how many loss targets a batch holds (the weight of its loss), how the
-loss is turned into a correctly weighted contribution, the autocast context, and staging the next batch on the
-device while the current step runs. ``loop.py`` composes these; they hold no training state.
+loss is turned into a correctly weighted contribution, the autocast context, and :class:`TrainStep`, which runs
+forward/backward over one optimizer step's micro-batches and then the optimizer step. It holds no run state:
+``loop.py`` composes it with the data feed (``feed.py``), the logs (``logs.py``) and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -161,70 +161,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Move every tensor of a (nested) batch; lists of strings and other values stay as they are."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(to_device(v, device, non_blocking) for v in batch)
-    return batch
-
-
-def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
-    if isinstance(batch, torch.Tensor):
-        batch.record_stream(stream)
-    elif isinstance(batch, Mapping):
-        for v in batch.values():
-            _record_stream(v, stream)
-
-
-_END = object()
-
-
-def staged(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
-    """Yield batches on ``device``, the next one already being copied while the caller computes on this one.
-
-    On CUDA the copy runs on a side stream (from pinned memory, ``non_blocking``) and the compute stream waits on
-    it only when the batch is used; ``record_stream`` keeps the caching allocator from reusing its memory early.
-    Elsewhere it is a one-batch look-ahead with a plain copy. The loop counts consumed batches itself, so the
-    look-ahead never shifts a checkpoint's data position.
-    """
-    iterator = iter(batches)
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def fetch() -> Any:
-        batch = next(iterator, _END)
-        if batch is _END:
-            return _END
-        if side is None:
-            return to_device(batch, device)
-        with torch.cuda.stream(side):
-            return to_device(batch, device, non_blocking=True)
-
-    upcoming = fetch()
-    while upcoming is not _END:
-        current = upcoming
-        if side is not None:
-            compute = torch.cuda.current_stream(device)
-            compute.wait_stream(side)
-            _record_stream(current, compute)
-        upcoming = fetch()
-        yield current
-
-
-def tokens_in(batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, int]:
-    """(real tokens as a device tensor, padded slots) from ``attention_mask``, else ``input_ids``; None if neither."""
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
-        return mask.sum(), mask.numel()
-    ids = batch.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return scalar(ids.numel(), ids.device), ids.numel()
-    return None, 0
-
-
 def call_loss_fn(
     loss_fn: Callable, outputs: Any, batch: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -247,147 +183,144 @@ def call_loss_fn(
     return result, None
 
 
-class Window:
-    """Loss, counts and throughput since the last log, kept on the device: one host sync per log, not per step."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.loss = torch.zeros((), device=device, dtype=self.dtype)
-        self.targets = torch.zeros((), device=device, dtype=self.dtype)
-        self.tokens = torch.zeros((), device=device, dtype=self.dtype)
-        self.samples = self.slots = 0
-        self.started = time.perf_counter()
-
-    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        self.loss += loss_sum.detach().to(self.dtype)
-        self.targets += targets.to(self.dtype)
-        self.samples += batch_size_of(batch)
-        real, slots = tokens_in(batch)
-        if real is not None:
-            self.tokens += real.to(self.device, self.dtype)
-            self.slots += slots
-
-    def flush(self, env: DistEnv) -> dict[str, float]:
-        stats = torch.stack(
-            [
-                self.loss,
-                self.targets,
-                self.tokens,
-                torch.tensor(float(self.samples), device=self.device, dtype=self.dtype),
-                torch.tensor(float(self.slots), device=self.device, dtype=self.dtype),
-            ]
-        )
-        loss, targets, tokens, samples, slots = all_reduce(stats, env).tolist()  # the one sync per log
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        self.__init__(self.device)
-        return {
-            "loss": loss / max(targets, 1.0),
-            "loss_sum": loss,
-            "targets": targets,
-            "samples": samples,
-            "tokens": tokens,
-            "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds,
-            "padding": 1.0 - tokens / slots if slots else None,
-            "seconds": seconds,
-        }
-
-
-def loader_length(loader: Iterable) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:  # streams have no length
-        return None
-
-
-def set_epoch(loader: Iterable, epoch: int) -> None:
-    for owner in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if hasattr(owner, "set_epoch"):
-            owner.set_epoch(epoch)
-            return
-
-
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
     if max_norm is not None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def accumulate(
-    micro: list[dict], *, model, inputs: ModelInputs, loss_fn, scaler, config, env: DistEnv
-) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Forward and backward over one optimizer step's micro-batches, each weighted by its share of targets.
+def check_labels(batch: Mapping[str, Any]) -> None:
+    """Refuse string labels before they reach the model (transformers fails on them deep inside its loss)."""
+    labels = batch.get("labels")
+    if isinstance(labels, list) and labels and isinstance(labels[0], str):
+        raise TypeError(
+            f"the batch's 'labels' are strings (first: {labels[0]!r}); a loss needs numbers. Map them to class "
+            "ids first: ds = ds.class_encode_column('label') (datasets), or the CLI's --label-column, which "
+            "maps string labels itself"
+        )
 
-    Returns the factor the gradients still need when ``loss_fn`` reports its own counts (known only after the
-    forward passes, else None), and each micro-batch's (loss sum, target count) for logging.
+
+class TrainStep:
+    """One optimizer step: forward and backward over its micro-batches, then unscale, clip, check and step.
+
+    Each micro-batch's loss is weighted by its share of the step's loss targets, counted over all micro-batches
+    and ranks (DESIGN.md, "Loss weighting"), so accumulation and DDP average over real targets. The loss sums and
+    target counts go to ``window`` (on the device) for the logs.
+
+    Args:
+        model: the model to call (DDP-wrapped or compiled, or the raw module).
+        params: the parameters the optimizer updates (gradient norm and clipping are over these).
+        want_norm: per call, whether to compute the gradient norm (log steps); clipping computes it anyway.
+
+    Example:
+        >>> step = TrainStep(model, optimizer, scheduler=None, scaler=None, inputs=ModelInputs(model),
+        ...                  loss_fn=None, config=config, env=env, window=window)   # doctest: +SKIP
+        >>> taken, norm = step([batch], want_norm=True)                                # doctest: +SKIP
     """
-    device = env.device
-    counts = [count_targets(b.get("labels"), inputs.kind, batch_size_of(b), device) for b in micro]
-    # The global number of targets over micro-batches and ranks: every micro-batch's loss sum is divided by it,
-    # so padding-heavy micro-batches weigh what their targets weigh. DDP averages gradients over ranks, hence * W.
-    total = all_reduce(torch.stack(counts).sum(), env).clamp(min=1)
-    reported, losses = [], []
-    for i, batch in enumerate(micro):
-        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        # Gradients are all-reduced only on the last micro-batch; earlier ones accumulate locally (no_sync).
-        sync = model.no_sync() if is_ddp and i < len(micro) - 1 else contextlib.nullcontext()
-        with sync:
-            with autocast(device, config.precision):
-                kwargs = inputs.select(batch, training=True)
-                if inputs.takes_num_items and loss_fn is None:
-                    kwargs["num_items_in_batch"] = total
-                outputs = model(**kwargs)
-                if loss_fn is not None:
-                    loss, count = call_loss_fn(loss_fn, outputs, batch)
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any,
+                 scaler: torch.amp.GradScaler | None, inputs: ModelInputs, loss_fn: Callable | None,
+                 config: Any, env: DistEnv, window: Any) -> None:  # fmt: skip
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.inputs, self.loss_fn, self.config, self.env, self.window = inputs, loss_fn, config, env, window
+        self.params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.num_items = inputs.takes_num_items and loss_fn is None
+        # The per-step non-finite check (one host sync per step) only when asked for; fp16's scaler has its own.
+        self.check = config.max_bad_steps is not None and scaler is None
+
+    def __call__(self, micro: list[dict], *, want_norm: bool) -> tuple[bool, torch.Tensor | None]:
+        """Run one optimizer step; returns (whether it was taken, the gradient norm when computed)."""
+        factor, losses = self.accumulate(micro)
+        norm, skipped = self.update(factor, want_norm)
+        if not skipped:  # a skipped step's (non-finite) loss stays out of the logs
+            for (loss_sum, count), batch in zip(losses, micro):
+                self.window.add(loss_sum, count, batch)
+        return not skipped, norm
+
+    def accumulate(
+        self, micro: list[dict]
+    ) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Forward and backward over the micro-batches, each weighted by its share of the step's targets.
+
+        Returns the factor the gradients still need when ``loss_fn`` reports its own counts (known only after the
+        forward passes, else None), and each micro-batch's (loss sum, target count) for logging.
+        """
+        device, world = self.env.device, self.env.world_size
+        counts = [count_targets(b.get("labels"), self.inputs.kind, batch_size_of(b), device) for b in micro]
+        # The global number of targets over micro-batches and ranks: every micro-batch's loss sum is divided by it,
+        # so padding-heavy micro-batches weigh what their targets weigh. DDP averages gradients over ranks: x W.
+        total = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
+        total = all_reduce(total, self.env).clamp(min=1) if world > 1 else total.clamp(min=1)
+        reported, losses = [], []
+        for i, batch in enumerate(micro):
+            # Gradients are all-reduced only on the last micro-batch; earlier ones accumulate locally (no_sync).
+            sync = self.model.no_sync() if self.ddp and i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                loss, count = self.forward(batch, total)
+                if count is not None:  # divided by the global count after backward, once it is known
+                    loss_sum, scaled = loss, loss
+                    reported.append(count.to(device))
+                elif self.num_items:  # the model already divided its sum by `total`
+                    loss_sum, scaled = loss * total, loss * world if world > 1 else loss
                 else:
-                    loss, count = loss_of(outputs), None
-                    if loss is None:
-                        raise missing_loss_error(batch, model)
-            if loss.numel() != 1:
-                raise ValueError(f"the loss must be a single number, got a tensor of shape {tuple(loss.shape)}; "
-                                 "reduce it (mean or sum) in the model or loss_fn")  # fmt: skip
-            loss = loss.reshape(())
-            if count is not None:  # divided by the global count after backward, once it is known
-                loss_sum, scaled = loss, loss
-                reported.append(count.to(device))
-            elif inputs.takes_num_items and loss_fn is None:  # the model already divided its sum by `total`
-                loss_sum, scaled = loss * total, loss * env.world_size
+                    loss_sum = loss * counts[i]
+                    scaled = loss if len(micro) == 1 and world == 1 else loss_sum * (world / total)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append((loss_sum.detach(), count if count is not None else counts[i]))
+        if not reported:
+            return None, losses
+        # DDP averaged the gradients of the loss sums over ranks; * W / global count makes them the global mean.
+        return world / all_reduce(torch.stack(reported).sum(), self.env).clamp(min=1), losses
+
+    def forward(
+        self, batch: Mapping[str, Any], total: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's loss (a 0-d tensor) and, when ``loss_fn`` returns ``(sum, count)``, its count."""
+        check_labels(batch)
+        with autocast(self.env.device, self.config.precision):
+            kwargs = self.inputs.select(batch, training=True)
+            if self.num_items:
+                kwargs["num_items_in_batch"] = total
+            outputs = self.model(**kwargs)
+            if self.loss_fn is not None:
+                loss, count = call_loss_fn(self.loss_fn, outputs, batch)
             else:
-                loss_sum = loss * counts[i]
-                scaled = loss_sum * (env.world_size / total)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        losses.append((loss_sum.detach(), count if count is not None else counts[i]))
-    if not reported:
-        return None, losses
-    # DDP averaged the gradients of the loss sums over ranks; * W / global count makes them the global mean.
-    return env.world_size / all_reduce(torch.stack(reported).sum(), env).clamp(min=1), losses
+                loss, count = loss_of(outputs), None
+                if loss is None:
+                    raise missing_loss_error(batch, self.model)
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a single number, got a tensor of shape {tuple(loss.shape)}; "
+                             "reduce it (mean or sum) in the model or loss_fn")  # fmt: skip
+        return loss.reshape(()), count
 
+    def update(self, factor: torch.Tensor | None, want_norm: bool) -> tuple[torch.Tensor | None, bool]:
+        """Unscale, rescale, clip, check, step. Returns (grad norm or None, whether the step was skipped)."""
+        optimizer, scaler, config = self.optimizer, self.scaler, self.config
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if factor is not None:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+        norm = None
+        if want_norm or self.check or config.max_grad_norm is not None:
+            # Under DDP the gradients are already all-reduced, so this norm is identical on every rank and all
+            # ranks skip together; a per-rank loss check could let one rank skip alone and hang the next all-reduce.
+            norm = grad_norm(self.params, config.max_grad_norm)
+        skipped = self.check and not bool(torch.isfinite(norm))  # the one per-step host sync, opted into
+        if (
+            scaler is not None
+        ):  # fp16: the GradScaler skips steps with inf/nan gradients (and lowers its scale)
+            scaler.step(optimizer)
+            scaler.update()
+        elif not skipped:
+            optimizer.step()
+        if self.scheduler is not None and not skipped:
+            self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm, skipped
 
-def optimizer_step(
-    *, optimizer, scheduler, scaler, params, config, factor, want_norm: bool
-) -> tuple[torch.Tensor | None, bool]:
-    """Unscale, rescale, clip, check, step. Returns (grad norm or None, whether the step was skipped)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if factor is not None:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(factor)
-    # fp16: the GradScaler already skips steps with inf/nan gradients (and lowers its scale).
-    check = config.max_bad_steps is not None and scaler is None
-    norm = None
-    if want_norm or check or config.max_grad_norm is not None:
-        # Under DDP the gradients are already all-reduced, so this norm is identical on every rank and all
-        # ranks skip together; a per-rank loss check could let one rank skip alone and hang the next all-reduce.
-        norm = grad_norm(params, config.max_grad_norm)
-    skipped = check and not bool(torch.isfinite(norm))  # the one per-step host sync, opted into
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    elif not skipped:
-        optimizer.step()
-    if scheduler is not None and not skipped:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm, skipped
+    def finite(self) -> bool:
+        """Every rank's parameters and logged loss since the last log are finite (one host sync; checkpoints)."""
+        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.params])
+        local = int(torch.isfinite(norm) & self.window.finite())
+        return bool(all_reduce(local, self.env, op="min"))

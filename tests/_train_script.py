@@ -5,7 +5,7 @@
 trains a tiny BERT classifier (dropout on, num_workers=2, a random augmentation in the transform) with
 checkpoints every 2 steps, and writes OUT_DIR/final_weights.pt at the end. Environment variables make it die
 on purpose: HF_LOOP_TEST_KILL_AT_STEP=k sends SIGKILL to itself when step k is logged; HF_LOOP_TEST_KILL_IN_SAVE=n
-sends it halfway through writing the n-th checkpoint file of this process.
+sends it halfway through writing the n-th checkpoint of this process (in its second file).
 """
 
 from __future__ import annotations
@@ -98,14 +98,18 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+FILES_PER_CHECKPOINT = 4  # model.pt, optimizer.pt, train.pt, rank-00000.pt (one process)
+
+
 def _die_in_save(n: int) -> None:
-    """Replace torch.save so that the n-th call writes half the bytes to the open file, then SIGKILLs itself."""
+    """Replace torch.save so that, in the n-th checkpoint, the second file gets half its bytes, then SIGKILL."""
     original = torch.save
     calls = {"n": 0}
+    fatal = (n - 1) * FILES_PER_CHECKPOINT + 2
 
     def save(obj, f, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] < n:
+        if calls["n"] < fatal:
             return original(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         original(obj, buffer, *args, **kwargs)

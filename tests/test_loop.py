@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from _train_script import classification_dataset, lm_dataset, tiny_bert, tiny_llama, token_rows, weights
+from datasets import Dataset
 
 import hf_loop as hl
 
@@ -272,11 +273,29 @@ def test_stream_without_max_steps_is_refused():
     assert result.steps == 6 and result.epochs == 1  # 4 batches per pass: the stream is read again
 
 
+class NoBatches(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
 def test_an_empty_loader_is_an_error_not_an_endless_loop():
     model = tiny_bert()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     empty = torch.utils.data.DataLoader([], batch_size=2)
+    with pytest.raises(ValueError, match=r"yields no batch \(dataset of 0 rows, batch_size=2\)"):
+        hl.train(model, empty, opt, cfg(max_steps=3))
+    stream = torch.utils.data.DataLoader(NoBatches(), batch_size=None)  # no length: found out while training
     with pytest.raises(ValueError, match="yielded no batches in epoch 0 on rank 0"):
-        hl.train(model, empty, torch.optim.SGD(model.parameters(), lr=0.1), cfg(max_steps=3))
+        hl.train(model, stream, opt, cfg(max_steps=3))
+
+
+def test_a_loader_without_one_full_batch_is_refused():
+    model = tiny_bert()
+    tiny = hl.make_loader(classification_dataset(6), batch_size=8, drop_last=True)
+    with pytest.raises(
+        ValueError, match=r"yields no batch \(dataset of 6 rows, batch_size=8\).*drop_last=False"
+    ):
+        hl.train(model, tiny, torch.optim.SGD(model.parameters(), lr=0.1), cfg(epochs=1))
 
 
 def test_bf16_autocast_on_cpu():
@@ -298,14 +317,14 @@ def test_fp16_uses_a_grad_scaler_that_is_checkpointed_and_restored(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     first = hl.train(model, loader(classification_dataset(16)), opt,
                      cfg(max_steps=1, precision="fp16", out_dir=tmp_path, export=False))  # fmt: skip
-    scaler = torch.load(first.checkpoint, weights_only=True)["scaler"]
+    scaler = torch.load(first.checkpoint / "train.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 1 and "_growth_tracker" in scaler  # only fp16 gets a GradScaler
     second = hl.train(model, loader(classification_dataset(16)), opt,
                       cfg(max_steps=2, precision="fp16", out_dir=tmp_path, export=False))  # fmt: skip
     assert second.resumed_from == first.checkpoint and math.isfinite(second.last_loss)
     bf16 = hl.train(model, loader(classification_dataset(16)), opt,
                     cfg(max_steps=1, precision="bf16", out_dir=tmp_path / "bf16"))  # fmt: skip
-    assert torch.load(bf16.checkpoint, weights_only=True)["scaler"] is None
+    assert torch.load(bf16.checkpoint / "train.pt", weights_only=True)["scaler"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -342,24 +361,21 @@ class BagOfEmbeddings(torch.nn.Module):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_step_makes_no_host_sync():
-    from hf_loop.steps import ModelInputs, Window, accumulate, optimizer_step, staged
+    from hf_loop.feed import staged
+    from hf_loop.logs import Window
+    from hf_loop.steps import ModelInputs, TrainStep
 
     device = torch.device("cuda", 0)
     env = hl.DistEnv(device=device)
     model = BagOfEmbeddings().to(device)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.1)
-    config, inputs, window = cfg(), ModelInputs(model), Window(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    window = Window(device)
+    step = TrainStep(model, opt, scheduler=None, scaler=None, inputs=ModelInputs(model), loss_fn=None,
+                     config=cfg(), env=env, window=window)  # fmt: skip
     batches = staged(list(loader(classification_dataset(16), batch_size=4, pin_memory=True, env=env)), device)
 
     def one_step() -> None:
-        micro = [next(batches)]
-        factor, losses = accumulate(micro, model=model, inputs=inputs, loss_fn=None, scaler=None, config=config,
-                                    env=env)  # fmt: skip
-        optimizer_step(optimizer=opt, scheduler=None, scaler=None, params=params, config=config, factor=factor,
-                       want_norm=False)  # fmt: skip
-        for (loss_sum, count), batch in zip(losses, micro):
-            window.add(loss_sum, count, batch)
+        step([next(batches)], want_norm=False)
 
     one_step()  # warm-up: CUDA context, kernels, allocator
     torch.cuda.synchronize()
@@ -383,9 +399,9 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
         eval_loader=loader(classification_dataset(16)),
     )
     assert result.stopped_early and result.steps == 3
-    assert result.best_checkpoint.name == "step-00000001.pt" and result.best_checkpoint.exists()
+    assert result.best_checkpoint.name == "step-00000001" and result.best_checkpoint.exists()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-00000001.pt", "step-00000003.pt"]  # the newest plus the best
+    assert names == ["step-00000001", "step-00000003"]  # the newest plus the best
 
 
 # -- evaluate / predict --------------------------------------------------------------------------------------
@@ -534,6 +550,13 @@ def test_train_argument_errors(tmp_path):
         hl.train(model, plain, opt, cfg(out_dir=tmp_path))
     with pytest.raises(ValueError, match=r"patience \(early stopping\) needs eval_loader="):
         hl.train(model, loader(classification_dataset(8)), opt, cfg(patience=1))
+    with pytest.raises(ValueError, match=r"eval_every \(periodic evaluation\) needs eval_loader="):
+        hl.train(model, loader(classification_dataset(8)), opt, cfg(eval_every=2))
+    with pytest.warns(UserWarning, match=r"warmup_steps=50 is longer than the run \(1 steps\)"):
+        hl.train(model, loader(classification_dataset(8)), opt, cfg(scheduler="linear", warmup_steps=50))
+    strings = hl.MapDataset(Dataset.from_dict({"input_ids": [[5, 6]] * 4, "label": ["pos", "neg"] * 2}))
+    with pytest.raises(TypeError, match=r"'labels' are strings \(first: 'pos'\).*class_encode_column"):
+        hl.train(model, loader(strings), opt, cfg(max_steps=1))
     with pytest.raises(ValueError, match=r"best_metric='accuracy' is not among the eval results"):
         hl.train(
             model,

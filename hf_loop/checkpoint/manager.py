@@ -1,0 +1,176 @@
+"""A run's checkpoints: which stateful object goes into which file, when to save, and what to resume from.
+
+A checkpoint is a step folder (see ``store.py``) holding
+
+- ``model.pt``, ``optimizer.pt``: the model's and optimizer's state dicts (written by rank 0; DDP replicas are
+  identical),
+- ``train.pt``: the train state, scheduler, GradScaler and the settings that shape the trajectory,
+- ``rank-00000.pt``, ``rank-00001.pt``, ...: each rank's loader position and RNG states,
+
+and a manifest with every file's size and sha256. Every object saves itself (``state_dict``) and loads itself
+(``load_state_dict``); the :class:`Checkpointer` only decides files, timing and checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from hf_loop.checkpoint import store
+from hf_loop.checkpoint.identity import check_identity
+from hf_loop.dist import DistEnv
+from hf_loop.errors import CheckpointError
+
+logger = logging.getLogger("hf_loop")
+
+SHARED = {"model": "model.pt", "optimizer": "optimizer.pt"}
+TRAIN_FILE = "train.pt"
+TRAIN_KEYS = ("train_state", "scheduler", "scaler")
+PER_RANK = ("loader", "rng")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+class Checkpointer:
+    """Saves a run's stateful objects every ``checkpoint_every`` steps (or when forced) and restores them.
+
+    Args:
+        config: the run's ``TrainConfig`` (``out_dir``, ``checkpoint_every``, ``keep_last``, ``resume_allow``).
+        env: the process's place in the job: rank 0 writes shared files, every rank its own.
+        states: name -> object with ``state_dict``/``load_state_dict`` (``model``, ``optimizer``, ``scheduler``,
+            ``scaler``, ``loader``, ``train_state``, ``rng``); None values are skipped. The loop may add one later
+            (the scheduler, once the run length is known).
+        identity: what this run's checkpoints record and a resume must match (``identity.run_identity``).
+        finite: called (on every rank) before each save; False refuses to persist a diverged model.
+
+    Example:
+        >>> checkpoints = Checkpointer(config, env, states, identity=identity, finite=lambda: True)  # doctest: +SKIP
+        >>> loaded = checkpoints.restore()           # the newest checkpoint that verifies, or None
+        >>> checkpoints.save(step=100, force=True)   # a step folder under out_dir/checkpoints
+    """
+
+    def __init__(self, config: Any, env: DistEnv, states: dict[str, Any], *, identity: Mapping[str, Any],
+                 finite: Callable[[], bool]) -> None:  # fmt: skip
+        self.config, self.env, self.states = config, env, states
+        self.identity = dict(identity)
+        self.finite = finite
+        self.path: Path | None = None  # the newest checkpoint of this run (written or resumed from)
+        self.resumed_from: Path | None = None
+        self.saved_step = -1
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``out_dir`` for this run (rank 0): a second live run on it is refused."""
+        if self.config.out_dir is None or not self.env.is_main:
+            yield
+            return
+        Path(self.config.out_dir).mkdir(parents=True, exist_ok=True)
+        with store.OutDirLock(self.config.out_dir):
+            yield
+
+    # -- resume --------------------------------------------------------------------------------------------
+
+    def restore(self) -> dict[str, Any] | None:
+        """Read and verify the newest usable checkpoint (a damaged one is skipped with a warning).
+
+        Returns the saved states by name (this rank's loader and RNG), without applying them: the loop applies
+        the position first (``apply``), builds what depends on the run length, then applies the rest.
+
+        Raises:
+            CheckpointError: the checkpoint belongs to another model, dataset or optimizer, or a stream's
+                positions would have to move to another world size.
+        """
+        if self.config.out_dir is None:
+            return None
+        found = store.load_newest(self.config.out_dir, self.env, self._read)
+        if found is None:
+            return None
+        self.path, manifest, loaded = found
+        self.resumed_from = self.path
+        check_identity(manifest["identity"], self.identity, self.path, allow=self.config.resume_allow)
+        saved_world = manifest["world_size"]
+        if saved_world != self.env.world_size and loaded["loader"].get("kind") == "stream":
+            raise CheckpointError(
+                f"checkpoint {self.path} was written by {saved_world} processes and this run has "
+                f"{self.env.world_size}; a stream's shard positions cannot be redistributed. Resume with "
+                f"--nproc_per_node={saved_world} (the same world size), or use another out_dir."
+            )
+        if manifest["identity"]["optimizer"] != self.identity["optimizer"]:  # allowed: a fresh optimizer
+            loaded.pop("optimizer")
+            logger.warning("resuming %s with a fresh %s (its optimizer state is not loaded)", self.path,
+                           self.identity["optimizer"]["class"])  # fmt: skip
+        self.saved_step = loaded["train_state"]["step"]
+        return loaded
+
+    def _read(self, folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        own = manifest["world_size"] == self.env.world_size
+        loaded = {name: store.read(folder, file) for name, file in SHARED.items()}
+        loaded.update(store.read(folder, TRAIN_FILE))
+        loaded.update(store.read(folder, rank_file(self.env.rank if own else 0)))
+        return loaded
+
+    def apply(self, loaded: Mapping[str, Any], names: tuple[str, ...] | None = None) -> None:
+        """Load saved states into this run's objects (all of them, or ``names``)."""
+        for name in names if names is not None else list(self.states):
+            target = self.states.get(name)
+            if target is not None and loaded.get(name) is not None:
+                target.load_state_dict(loaded[name])
+        if names is None:
+            now = self.config.fingerprint()
+            changed = {k: (v, now.get(k)) for k, v in loaded["config"].items() if now.get(k) != v}
+            if changed and self.env.is_main:
+                logger.warning("resuming %s with changed settings (saved -> now): %s", self.path, changed)
+
+    def folder(self, step: int | None) -> Path | None:
+        """The folder of the checkpoint at ``step`` (None without ``out_dir`` or step)."""
+        if self.config.out_dir is None or step is None:
+            return None
+        return store.step_folder(self.config.out_dir, step)
+
+    # -- save ----------------------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        every = self.config.checkpoint_every
+        return self.config.out_dir is not None and bool(every) and step % every == 0
+
+    def save(self, step: int, *, force: bool = False) -> Path | None:
+        """Write a checkpoint at ``step`` when it is due (or ``force``) and not written yet; all ranks call it.
+
+        Raises:
+            FloatingPointError: the model diverged (a non-finite loss or parameter): no checkpoint is written,
+                so the newest one on disk stays finite.
+        """
+        if self.config.out_dir is None or step == self.saved_step or not (force or self.due(step)):
+            return None
+        if not self.finite():
+            raise FloatingPointError(
+                f"training diverged by step {step} (a non-finite loss or parameter); no checkpoint was written, "
+                f"so the newest one ({self.path}) stays usable. Lower the learning rate, or set "
+                "TrainConfig(max_bad_steps=N) to skip such steps"
+            )
+        train_state = self.states["train_state"]
+        train_state.position = self.states["loader"].position()
+        self.path = store.write(
+            self.config.out_dir, step, self.env, self._fill, identity=self.identity,
+            extra={"train_state": train_state.state_dict()},
+        )  # fmt: skip
+        self.saved_step = step
+        if self.env.is_main:
+            best = train_state.best_step
+            keep = [store.step_folder(self.config.out_dir, best)] if best is not None else []
+            store.prune(self.config.out_dir, self.config.keep_last, keep=keep)
+        return self.path
+
+    def _fill(self, pending: Any) -> None:
+        states = self.states
+        if self.env.is_main:
+            for name, file in SHARED.items():
+                pending.save(file, states[name].state_dict())
+            train = {k: states[k].state_dict() if states.get(k) is not None else None for k in TRAIN_KEYS}
+            pending.save(TRAIN_FILE, {**train, "config": self.config.fingerprint()})
+        pending.save(rank_file(self.env.rank), {k: states[k].state_dict() for k in PER_RANK})
