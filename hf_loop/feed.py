@@ -63,8 +63,10 @@ class Staged:
 
     def _fetch(self) -> Any:
         batch = next(self._iterator, _END)
-        if batch is _END or self._side is None:
-            return batch if batch is _END else to_device(batch, self._device)
+        if batch is _END or self._device.type == "cpu":  # a loader's batches are made on the CPU
+            return batch
+        if self._side is None:
+            return to_device(batch, self._device)
         with torch.cuda.stream(self._side):
             return to_device(batch, self._device, non_blocking=True)
 

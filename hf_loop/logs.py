@@ -23,58 +23,91 @@ from hf_loop.dist import DistEnv, all_reduce, batch_size_of
 logger = logging.getLogger("hf_loop")
 
 
-def tokens_in(batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, int]:
-    """(real tokens as a device tensor, padded slots) from ``attention_mask``, else ``input_ids``; None if neither."""
+def tokens_in(batch: Mapping[str, Any]) -> tuple[torch.Tensor | int | None, int]:
+    """(real tokens, token slots) of a batch: the mask's sum (a device tensor) when it has an
+    ``attention_mask``, every slot of ``input_ids`` otherwise; (None, 0) without either."""
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
         return mask.sum(), mask.numel()
     ids = batch.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return None, ids.numel()
+        return ids.numel(), ids.numel()
     return None, 0
 
 
 class Window:
-    """Loss, counts and throughput since the last log, kept on the device: one host sync per log, not per step.
+    """Loss, counts and throughput since the last log: one host sync per log, not per step.
+
+    ``add`` only appends (a step's loss stays a device tensor); ``flush`` stacks the window, all-reduces it and
+    reads it once. Token counts come from the loader's padding counter when it has one (``hl.Loader.padding``,
+    counted on the host as batches are made; it runs one look-ahead batch early), else from each batch's mask.
 
     Example:
         >>> window = Window(torch.device("cpu"))
-        >>> window.add(torch.tensor(6.0), torch.tensor(3.0), {"input_ids": torch.ones(3, 4)})
+        >>> window.add(torch.tensor(2.0), 3, 3, {"input_ids": torch.ones(3, 4)})
         >>> stats = window.flush(DistEnv())
         >>> stats["loss"], stats["samples"], stats["tokens"]
         (2.0, 3.0, 12.0)
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, padding: Any = None) -> None:
+        self.device, self.padding = device, padding
         self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(3, device=self.device, dtype=self.dtype)  # loss sum, targets, masked tokens
-        self.samples = self.slots = self.dense = 0  # dense: tokens of batches without a mask (all real)
+        self.values: list[torch.Tensor] = []  # per micro-batch: loss x weight is its loss sum
+        self.weights: list[int | torch.Tensor] = []
+        self.targets: list[int | torch.Tensor] = []
+        self.tokens: list[int | torch.Tensor] = []
+        self.samples = self.slots = 0
+        self.counted = (
+            (self.padding.real_tokens, self.padding.total_tokens) if self.padding is not None else None
+        )
         self.started = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        real, slots = tokens_in(batch)
-        self.sums[0] += loss_sum.detach()
-        self.sums[1] += targets
-        if real is not None:
-            self.sums[2] += real
+    def add(self, loss: torch.Tensor, weight: Any, targets: Any, batch: Mapping[str, Any]) -> None:
+        self.values.append(loss.detach())
+        self.weights.append(weight)
+        self.targets.append(targets)
         self.samples += batch_size_of(batch)
-        self.slots += slots
-        if real is None:
-            self.dense += slots
+        if self.padding is None:
+            real, slots = tokens_in(batch)
+            if real is not None:
+                self.tokens.append(real)
+                self.slots += slots
 
     def finite(self) -> torch.Tensor:
-        """A 0-d bool tensor on the device: is the loss since the last flush finite? (No host sync.)"""
-        return torch.isfinite(self.sums[0])
+        """A 0-d bool tensor on the device: is every loss since the last flush finite? (No host sync.)"""
+        if not self.values:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.stack(self.values)).all()
 
     def flush(self, env: DistEnv) -> dict[str, float]:
-        host = torch.tensor([self.samples, self.slots, self.dense], dtype=self.dtype, device=self.device)
-        totals = all_reduce(torch.cat([self.sums, host]), env).tolist()  # the one sync per log
-        loss, targets, masked, samples, slots, dense = totals
-        tokens = masked + dense
+        # Every device number of the window in one stack and one read (the one host sync per log); the
+        # arithmetic on them is a handful of Python floats.
+        tensors = [
+            x
+            for x in (*self.values, *self.weights, *self.targets, *self.tokens)
+            if isinstance(x, torch.Tensor)
+        ]
+        read = iter(torch.stack(tensors).to(self.dtype).tolist() if tensors else [])
+        numbers = {}
+        for name in ("values", "weights", "targets", "tokens"):
+            numbers[name] = [next(read) if isinstance(x, torch.Tensor) else x for x in getattr(self, name)]
+        totals = [
+            sum(v * w for v, w in zip(numbers["values"], numbers["weights"])),
+            sum(numbers["targets"]),
+            sum(numbers["tokens"]),
+            self.samples,
+            self.slots,
+        ]
+        if self.counted is not None:
+            totals[2] += self.padding.real_tokens - self.counted[0]
+            totals[4] = self.padding.total_tokens - self.counted[1]
+        if env.distributed:
+            totals = all_reduce(torch.tensor(totals, dtype=torch.float64), env).tolist()
+        loss, targets, tokens, samples, slots = map(float, totals)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         self.reset()
         return {
@@ -97,10 +130,10 @@ class Reporter:
     the window and raises ``FloatingPointError`` when the loss or gradient norm is no longer finite.
     """
 
-    def __init__(self, *, config: Any, env: DistEnv, total: int, start: int,
+    def __init__(self, *, config: Any, env: DistEnv, total: int, start: int, padding: Any,
                  on_log: Callable[[dict[str, Any]], None] | None) -> None:  # fmt: skip
         self.config, self.env, self.total, self.on_log = config, env, total, on_log
-        self.window = Window(env.device)
+        self.window = Window(env.device, padding)
         self.totals = {"loss_sum": 0.0, "targets": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0}
         self.last_loss: float | None = None
         self.bar = None

@@ -231,7 +231,8 @@ def train(
         # -- resume from the newest checkpoint that verifies; the run length follows from its position
         torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks, as with one per GPU
         total = _resume(checkpoints, states, feed, config)
-        report = Reporter(config=config, env=env, total=total, start=state.step, on_log=on_log)
+        report = Reporter(config=config, env=env, total=total, start=state.step, on_log=on_log,
+                          padding=getattr(train_loader, "padding", None))  # fmt: skip
         step = TrainStep(_wrap(raw, config, env), optimizer, scheduler=states["scheduler"], scaler=scaler,
                          inputs=ModelInputs(raw, config.model_inputs), loss_fn=loss_fn, config=config, env=env,
                          window=report.window)  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 
 from hf_loop.data import INDEX_KEY
 from hf_loop.dist import DistEnv, all_reduce, batch_size_of
+from hf_loop.fsdp import full_value, gradient_sync, is_sharded, param_dtype
 
 IGNORE_INDEX = -100
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,24 +112,26 @@ def target_kind(model: torch.nn.Module) -> str:
     return "auto"
 
 
-def scalar(value: int | float, device: torch.device) -> torch.Tensor:
-    """A 0-d tensor on ``device`` without a host sync (``torch.tensor(x, device="cuda")`` copies and waits)."""
-    return torch.full((), value, device=device)
-
-
-def count_targets(labels: Any, kind: str, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Number of loss targets in a batch, as a 0-d tensor on ``device`` (no host sync).
+def count_targets(labels: Any, kind: str, batch_size: int, device: torch.device) -> int | torch.Tensor:
+    """Number of loss targets in a batch: an int when it is the number of examples (known on the host), else a
+    0-d tensor on ``device`` (counted there, no host sync).
 
     Causal LM: ``labels[..., 1:] != -100`` (position 0 never is a target once the model shifts). Token heads:
     ``labels != -100``. Otherwise integer labels with a sequence dimension count tokens, anything else examples.
+
+    Example:
+        >>> count_targets(torch.tensor([1, 0, 1]), "auto", batch_size=3, device=torch.device("cpu"))
+        3
+        >>> count_targets(torch.tensor([[5, 6, -100]]), "causal", batch_size=1, device=torch.device("cpu"))
+        tensor(1)
     """
     if not isinstance(labels, torch.Tensor):
-        return scalar(batch_size, device)
+        return batch_size
     if kind == "causal":
         return (labels[..., 1:] != IGNORE_INDEX).sum().to(device)
     if kind == "token" or (labels.dim() >= 2 and not labels.is_floating_point()):
         return (labels != IGNORE_INDEX).sum().to(device)
-    return scalar(labels.shape[0] if labels.dim() else 1, device)
+    return labels.shape[0] if labels.dim() else 1
 
 
 def loss_of(outputs: Any) -> torch.Tensor | None:
@@ -172,9 +175,8 @@ def call_loss_fn(
                 f"loss_fn must return a scalar loss or (loss_sum, count), got a {len(result)}-tuple"
             )
         loss_sum, count = result
-        count = (
-            count.to(loss_sum.device) if isinstance(count, torch.Tensor) else scalar(count, loss_sum.device)
-        )
+        device = loss_sum.device
+        count = count.to(device) if isinstance(count, torch.Tensor) else torch.full((), count, device=device)
         return loss_sum, count
     if not isinstance(result, torch.Tensor):
         raise TypeError(
@@ -184,9 +186,10 @@ def call_loss_fn(
 
 
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm (clipping to ``max_norm`` when given); over shards for a sharded model."""
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return full_value(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def check_labels(batch: Mapping[str, Any]) -> None:
@@ -225,6 +228,11 @@ class TrainStep:
         self.inputs, self.loss_fn, self.config, self.env, self.window = inputs, loss_fn, config, env, window
         self.params = [p for p in unwrap(model).parameters() if p.requires_grad]
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.sharded = is_sharded(unwrap(model))
+        # A sharded model with a mixed-precision policy computes in its parameter dtype: no autocast on top.
+        self.precision = (
+            "fp32" if self.sharded and param_dtype(unwrap(model)) is not None else config.precision
+        )
         self.num_items = inputs.takes_num_items and loss_fn is None
         # The per-step non-finite check (one host sync per step) only when asked for; fp16's scaler has its own.
         self.check = config.max_bad_steps is not None and scaler is None
@@ -234,40 +242,49 @@ class TrainStep:
         factor, losses = self.accumulate(micro)
         norm, skipped = self.update(factor, want_norm)
         if not skipped:  # a skipped step's (non-finite) loss stays out of the logs
-            for (loss_sum, count), batch in zip(losses, micro):
-                self.window.add(loss_sum, count, batch)
+            for (loss, weight, targets), batch in zip(losses, micro):
+                self.window.add(loss, weight, targets, batch)
         return not skipped, norm
 
-    def accumulate(
-        self, micro: list[dict]
-    ) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def accumulate(self, micro: list[dict]) -> tuple[Any, list[tuple[torch.Tensor, Any, Any]]]:
         """Forward and backward over the micro-batches, each weighted by its share of the step's targets.
 
         Returns the factor the gradients still need when ``loss_fn`` reports its own counts (known only after the
-        forward passes, else None), and each micro-batch's (loss sum, target count) for logging.
+        forward passes, else None), and per micro-batch (loss, weight, targets) for the logs: its loss sum is
+        loss x weight. Counts known on the host (examples) stay Python ints: no device work for them.
         """
         device, world = self.env.device, self.env.world_size
         counts = [count_targets(b.get("labels"), self.inputs.kind, batch_size_of(b), device) for b in micro]
         # The global number of targets over micro-batches and ranks: every micro-batch's loss sum is divided by it,
         # so padding-heavy micro-batches weigh what their targets weigh. DDP averages gradients over ranks: x W.
-        total = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
-        total = all_reduce(total, self.env).clamp(min=1) if world > 1 else total.clamp(min=1)
+        if world == 1 and not any(isinstance(c, torch.Tensor) for c in counts):
+            total: Any = max(sum(counts), 1)
+        else:
+            total = all_reduce(
+                torch.stack([torch.as_tensor(c, device=device) for c in counts]).sum(), self.env
+            )
+            total = total.clamp(min=1)
+        alone = len(micro) == 1 and world == 1  # the step's only micro-batch: its mean is the step's mean
         reported, losses = [], []
         for i, batch in enumerate(micro):
-            # Gradients are all-reduced only on the last micro-batch; earlier ones accumulate locally (no_sync).
-            sync = self.model.no_sync() if self.ddp and i < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+            # Gradients are reduced only on the last micro-batch; earlier ones accumulate locally (no_sync).
+            last = i == len(micro) - 1
+            if self.sharded and len(micro) > 1:
+                gradient_sync(unwrap(self.model), last)
+            with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 loss, count = self.forward(batch, total)
-                if count is not None:  # divided by the global count after backward, once it is known
-                    loss_sum, scaled = loss, loss
+                if (
+                    count is not None
+                ):  # a loss sum: divided by the global count after backward, once it is known
+                    scaled, entry = loss, (loss, 1, count)
                     reported.append(count.to(device))
                 elif self.num_items:  # the model already divided its sum by `total`
-                    loss_sum, scaled = loss * total, loss * world if world > 1 else loss
+                    scaled, entry = (loss if world == 1 else loss * world), (loss, total, counts[i])
                 else:
-                    loss_sum = loss * counts[i]
-                    scaled = loss if len(micro) == 1 and world == 1 else loss_sum * (world / total)
+                    scaled = loss if alone else loss * (counts[i] * world / total)
+                    entry = (loss, counts[i], counts[i])
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            losses.append((loss_sum.detach(), count if count is not None else counts[i]))
+            losses.append(entry)
         if not reported:
             return None, losses
         # DDP averaged the gradients of the loss sums over ranks; * W / global count makes them the global mean.
@@ -278,7 +295,7 @@ class TrainStep:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's loss (a 0-d tensor) and, when ``loss_fn`` returns ``(sum, count)``, its count."""
         check_labels(batch)
-        with autocast(self.env.device, self.config.precision):
+        with autocast(self.env.device, self.precision):
             kwargs = self.inputs.select(batch, training=True)
             if self.num_items:
                 kwargs["num_items_in_batch"] = total
@@ -289,6 +306,8 @@ class TrainStep:
                 loss, count = loss_of(outputs), None
                 if loss is None:
                     raise missing_loss_error(batch, self.model)
+        if loss.dim() == 0:
+            return loss, count
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a single number, got a tensor of shape {tuple(loss.shape)}; "
                              "reduce it (mean or sum) in the model or loss_fn")  # fmt: skip
@@ -321,6 +340,6 @@ class TrainStep:
 
     def finite(self) -> bool:
         """Every rank's parameters and logged loss since the last log are finite (one host sync; checkpoints)."""
-        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.params])
+        norm = full_value(torch.nn.utils.get_total_norm([p.detach() for p in self.params]))
         local = int(torch.isfinite(norm) & self.window.finite())
         return bool(all_reduce(local, self.env, op="min"))

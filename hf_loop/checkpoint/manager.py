@@ -2,8 +2,9 @@
 
 A checkpoint is a step folder (see ``store.py``) holding
 
-- ``model.pt``, ``optimizer.pt``: the model's and optimizer's state dicts (written by rank 0; DDP replicas are
-  identical),
+- ``model.pt``, ``optimizer.pt``: the model's and optimizer's state dicts, keyed by parameter name (written by
+  rank 0; DDP replicas are identical), or, for a model sharded with FSDP2, ``dcp/``: their torch Distributed
+  Checkpoint (one shard file per rank, loadable on any world size, or into a plain model),
 - ``train.pt``: the train state, scheduler, GradScaler and the settings that shape the trajectory,
 - ``rank-00000.pt``, ``rank-00001.pt``, ...: each rank's loader position and RNG states,
 
@@ -23,10 +24,12 @@ from hf_loop.checkpoint import store
 from hf_loop.checkpoint.identity import check_identity
 from hf_loop.dist import DistEnv
 from hf_loop.errors import CheckpointError
+from hf_loop.fsdp import is_sharded, load_sharded, load_state_dicts, save_sharded, sharded_files, state_dicts
 
 logger = logging.getLogger("hf_loop")
 
-SHARED = {"model": "model.pt", "optimizer": "optimizer.pt"}
+WEIGHTS = {"model": "model.pt", "optimizer": "optimizer.pt"}  # a plain or DDP model's state (rank 0 writes)
+SHARDED = "dcp"  # a sharded model's and optimizer's Distributed Checkpoint (every rank writes its shards)
 TRAIN_FILE = "train.pt"
 TRAIN_KEYS = ("train_state", "scheduler", "scaler")
 PER_RANK = ("loader", "rng")
@@ -60,6 +63,7 @@ class Checkpointer:
         self.identity = dict(identity)
         self.finite = finite
         self.path: Path | None = None  # the newest checkpoint of this run (written or resumed from)
+        self.fresh_optimizer = False
         self.resumed_from: Path | None = None
         self.saved_step = -1
 
@@ -100,8 +104,9 @@ class Checkpointer:
                 f"{self.env.world_size}; a stream's shard positions cannot be redistributed. Resume with "
                 f"--nproc_per_node={saved_world} (the same world size), or use another out_dir."
             )
-        if manifest["identity"]["optimizer"] != self.identity["optimizer"]:  # allowed: a fresh optimizer
-            loaded.pop("optimizer")
+        self.fresh_optimizer = manifest["identity"]["optimizer"] != self.identity["optimizer"]
+        if self.fresh_optimizer:  # allowed by resume_allow: a new optimizer class starts fresh
+            loaded.pop("optimizer", None)
             logger.warning("resuming %s with a fresh %s (its optimizer state is not loaded)", self.path,
                            self.identity["optimizer"]["class"])  # fmt: skip
         self.saved_step = loaded["train_state"]["step"]
@@ -109,7 +114,13 @@ class Checkpointer:
 
     def _read(self, folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
         own = manifest["world_size"] == self.env.world_size
-        loaded = {name: store.read(folder, file) for name, file in SHARED.items()}
+        sharded = sorted(name for name in manifest["files"] if name.startswith(f"{SHARDED}/"))
+        if sharded:  # read by Distributed Checkpoint when applied; the ranks share the checks out
+            for name in sharded[self.env.rank :: self.env.world_size]:
+                store.verify(folder, name)
+            loaded: dict[str, Any] = {"sharded": folder / SHARDED}
+        else:
+            loaded = {name: store.read(folder, file) for name, file in WEIGHTS.items()}
         loaded.update(store.read(folder, TRAIN_FILE))
         loaded.update(store.read(folder, rank_file(self.env.rank if own else 0)))
         return loaded
@@ -118,8 +129,11 @@ class Checkpointer:
         """Load saved states into this run's objects (all of them, or ``names``)."""
         for name in names if names is not None else list(self.states):
             target = self.states.get(name)
-            if target is not None and loaded.get(name) is not None:
-                target.load_state_dict(loaded[name])
+            if name in WEIGHTS or target is None or loaded.get(name) is None:
+                continue
+            target.load_state_dict(loaded[name])
+        if names is None:
+            self._load_weights(loaded)
         if names is None:
             now = self.config.fingerprint()
             changed = {k: (v, now.get(k)) for k, v in loaded["config"].items() if now.get(k) != v}
@@ -168,9 +182,37 @@ class Checkpointer:
 
     def _fill(self, pending: Any) -> None:
         states = self.states
+        self._save_weights(pending)
         if self.env.is_main:
-            for name, file in SHARED.items():
-                pending.save(file, states[name].state_dict())
             train = {k: states[k].state_dict() if states.get(k) is not None else None for k in TRAIN_KEYS}
             pending.save(TRAIN_FILE, {**train, "config": self.config.fingerprint()})
         pending.save(rank_file(self.env.rank), {k: states[k].state_dict() for k in PER_RANK})
+
+    # -- model and optimizer: one state-dict format for plain, DDP and sharded models ------------------------
+
+    def _save_weights(self, pending: Any) -> None:
+        model, optimizer = self.states["model"], self.states["optimizer"]
+        if not is_sharded(model):
+            if self.env.is_main:
+                model_state, optim_state = state_dicts(model, optimizer, full=False)
+                pending.save(WEIGHTS["model"], model_state)
+                pending.save(WEIGHTS["optimizer"], optim_state)
+            return
+        model_state, optim_state = state_dicts(model, optimizer, full=False)
+        folder = pending.folder / SHARDED
+        save_sharded({"model": model_state, "optimizer": optim_state}, folder)
+        for path in sharded_files(folder, self.env.rank):  # each rank hashes the files it wrote
+            pending.add(f"{SHARDED}/{path.name}")
+
+    def _load_weights(self, loaded: Mapping[str, Any]) -> None:
+        model, optimizer = self.states["model"], self.states["optimizer"]
+        with_optimizer = "optimizer" in loaded or "sharded" in loaded and not self.fresh_optimizer
+        if "sharded" not in loaded:  # full state dicts: a sharded model takes its shards of them
+            load_state_dicts(model, optimizer if "optimizer" in loaded else None, loaded["model"],
+                             loaded.get("optimizer"), full=is_sharded(model))  # fmt: skip
+            return
+        model_state, optim_state = state_dicts(model, optimizer, full=False)  # templates: shapes and shards
+        state = {"model": model_state, "optimizer": optim_state} if with_optimizer else {"model": model_state}
+        load_sharded(state, loaded["sharded"])
+        load_state_dicts(model, optimizer if with_optimizer else None, state["model"], state.get("optimizer"),
+                         full=False)  # fmt: skip

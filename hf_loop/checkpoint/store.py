@@ -34,6 +34,10 @@ class PendingCheckpoint:
         self.folder = folder
         self.files: dict[str, dict[str, Any]] = {}
 
+    def add(self, name: str) -> None:
+        data = (self.folder / name).read_bytes()
+        self.files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     def save(self, name: str, obj: Any) -> None:
         buffer = io.BytesIO()
         torch.save(obj, buffer)
@@ -87,6 +91,14 @@ def read(folder: Path, name: str) -> Any:
     if record is None or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CorruptCheckpoint(f"{folder}: {name} does not verify")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def verify(folder: Path, name: str) -> None:
+    manifest = manifest_of(folder)
+    data = (folder / name).read_bytes()
+    record = manifest["files"].get(name)
+    if record is None or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CorruptCheckpoint(f"{folder}: {name} does not verify")
 
 
 def load_newest(out_dir, env: DistEnv, read_fn):
