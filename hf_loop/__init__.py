@@ -14,6 +14,7 @@ from hf_loop.data import INDEX_KEY, Columns, MapDataset, to_torch
 from hf_loop.dist import DistEnv, even_steps, init_distributed, shutdown_distributed
 from hf_loop.errors import CheckpointError, DataError
 from hf_loop.evaluation import count_parameters, evaluate, predict
+from hf_loop.fsdp import shard
 from hf_loop.hub import load
 from hf_loop.loader import Loader, make_loader
 from hf_loop.loop import train
@@ -62,6 +63,7 @@ __all__ = [
     "make_loader",
     "plot_run",
     "predict",
+    "shard",
     "shutdown_distributed",
     "to_torch",
     "train",

@@ -10,6 +10,7 @@ API for plain, DDP and sharded models; torch Distributed Checkpoint for sharded 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def model_class(model: torch.nn.Module) -> type:
+    """The model's own class: ``fully_shard`` swaps it for a subclass named ``FSDP<Class>``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return type(model)
+    return next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
 
 
 def param_dtype(model: torch.nn.Module) -> torch.dtype | None:
@@ -169,6 +179,16 @@ def load_state_dicts(
         set_optimizer_state_dict(model, optimizer, dict(optim_state), options=options)
 
 
+def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state dict on the CPU, gathered from every rank's shards (a collective on every rank of
+    a sharded model); rank 0 holds the values, the other ranks an empty dict. A plain model's own state dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_sharded(state: dict[str, Any], folder: Path) -> None:
     """Every rank writes its shards of ``state`` with torch Distributed Checkpoint (one file per rank)."""
     import torch.distributed.checkpoint as dcp
@@ -181,7 +201,9 @@ def load_sharded(state: dict[str, Any], folder: Path) -> None:
     reshards whatever world size wrote it."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # loading a sharded checkpoint into one process is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(folder))
 
 
 def sharded_files(folder: Path, rank: int) -> list[Path]:

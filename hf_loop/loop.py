@@ -21,9 +21,10 @@ import torch
 
 from hf_loop.checkpoint import Checkpointer, run_identity
 from hf_loop.config import TrainConfig, TrainResult
-from hf_loop.dist import DistEnv, all_reduce, default_device
+from hf_loop.dist import DistEnv, all_reduce, barrier, default_device
 from hf_loop.evaluation import ParameterTable, count_parameters, evaluate, predict
 from hf_loop.feed import Feed
+from hf_loop.fsdp import check_optimizer, gathered, is_sharded
 from hf_loop.logs import Reporter
 from hf_loop.state import RandomState, TrainState
 from hf_loop.steps import ModelInputs, TrainStep
@@ -128,10 +129,14 @@ def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tota
     )
 
 
-def _wrap(model: torch.nn.Module, config: TrainConfig, env: DistEnv) -> torch.nn.Module:
+def _wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, env: DistEnv) -> Any:
+    """The module the steps call: compiled if asked, and DDP-wrapped under torchrun unless FSDP2 shards it."""
+    sharded = is_sharded(model)
+    if sharded:
+        check_optimizer(model, optimizer)
     if config.compile:
         model = torch.compile(model)
-    if env.distributed:
+    if env.distributed and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             model,
             device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -179,8 +184,13 @@ def _run_length(state: TrainState, feed: Feed, config: TrainConfig) -> int:
 
 
 def _export(model: torch.nn.Module, config: TrainConfig, env: DistEnv) -> None:
-    if config.export and config.out_dir is not None and env.is_main and hasattr(model, "save_pretrained"):
-        model.save_pretrained(Path(config.out_dir) / "final")
+    """``save_pretrained`` into ``out_dir/final``; a sharded model's weights are gathered from every rank first."""
+    if not (config.export and config.out_dir is not None and hasattr(model, "save_pretrained")):
+        return
+    weights = gathered(model) if is_sharded(model) else None  # every rank takes part in the gather
+    if env.is_main:  # save_pretrained pops entries from the dict it is given: give it a copy
+        model.save_pretrained(Path(config.out_dir) / "final", state_dict=dict(weights) if weights else None)
+    barrier(env)
 
 
 def train(
@@ -233,7 +243,7 @@ def train(
         total = _resume(checkpoints, states, feed, config)
         report = Reporter(config=config, env=env, total=total, start=state.step, on_log=on_log,
                           padding=getattr(train_loader, "padding", None))  # fmt: skip
-        step = TrainStep(_wrap(raw, config, env), optimizer, scheduler=states["scheduler"], scaler=scaler,
+        step = TrainStep(_wrap(raw, optimizer, config, env), optimizer, scheduler=states["scheduler"], scaler=scaler,
                          inputs=ModelInputs(raw, config.model_inputs), loss_fn=loss_fn, config=config, env=env,
                          window=report.window)  # fmt: skip
         evaluator = Evaluator(raw, eval_loader, config=config, env=env, loss_fn=loss_fn, metrics=metrics,

@@ -15,12 +15,15 @@ from typing import Any
 import torch
 
 from hf_loop.errors import CheckpointError
+from hf_loop.fsdp import model_class
 
 PARTS = ("model", "data", "optimizer")
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """Class, parameter count, a digest of parameter names and shapes, and where pretrained weights came from.
+
+    Shapes are global, so a model sharded with FSDP2 has the identity of the same model on one process.
 
     ``source`` is the transformers config's ``name_or_path`` (empty for a model built from a config), so two
     pretrained models of the same architecture differ, while a from-scratch model re-created the same way does not.
@@ -38,7 +41,7 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
         count += tensor.numel()
     config = getattr(model, "config", None)
     return {
-        "class": type(model).__name__,
+        "class": model_class(model).__name__,
         "parameters": count,
         "shapes": digest.hexdigest()[:16],
         "source": str(getattr(config, "name_or_path", "") or ""),
