@@ -23,11 +23,11 @@ def numpy(weights: dict[str, torch.Tensor]) -> dict:
 
 
 def lm_run(env: hl.DistEnv, *, shard: bool, batch_size: int, max_steps: int, grad_accum: int = 1,
-           out_dir: str | None = None, export: bool = False) -> tuple[dict, list[float]]:  # fmt: skip
+           out_dir: str | None = None, export: bool = False, recompute: bool = False) -> tuple[dict, list[float]]:  # fmt: skip
     """Causal LM steps on a sequential order: the global batch is world size x batch_size x grad_accum."""
     model = tiny_llama()
     if shard:
-        model = hl.shard(model, env, precision="fp32")
+        model = hl.shard(model, env, precision="fp32", activation_checkpointing=recompute)
     loader = hl.make_loader(lm_dataset(ROWS), batch_size=batch_size, sampler="sequential", env=env)
     norms: list[float] = []
     config = hl.TrainConfig(max_steps=max_steps, grad_accum=grad_accum, max_grad_norm=0.5, log_every=1,
@@ -71,6 +71,7 @@ def _two_ranks(env: hl.DistEnv, dirs: dict[str, str]) -> dict:
     for accum in (1, 2):
         out[f"ddp{accum}"] = lm_run(env, shard=False, batch_size=2 // accum, grad_accum=accum, max_steps=3)
         out[f"fsdp{accum}"] = lm_run(env, shard=True, batch_size=2 // accum, grad_accum=accum, max_steps=3)
+    out["recompute"] = lm_run(env, shard=True, batch_size=2, max_steps=3, recompute=True)
     lm_run(env, shard=True, batch_size=2, max_steps=2, out_dir=dirs["w21"])  # then one process goes on
     out["w12"] = lm_run(env, shard=True, batch_size=2, max_steps=4, out_dir=dirs["w12"])  # resumes 1 process
     out["export"] = lm_run(env, shard=True, batch_size=2, max_steps=2, out_dir=dirs["export"], export=True)[0]
@@ -110,6 +111,12 @@ def test_fsdp_training_equals_ddp_with_clipping_and_accumulation(runs, accum):
     one_process = runs["reference"]
     assert max_diff(fsdp_weights, one_process[0]) <= 1e-5  # and equal to one process with the global batch
     assert runs["ranks"][1][f"fsdp{accum}"][0] == {}  # the full weights are gathered on rank 0 only
+
+
+def test_activation_checkpointing_trains_the_same(runs):
+    recomputed, norms = runs["ranks"][0]["recompute"]
+    plain, plain_norms = runs["ranks"][0]["fsdp1"]
+    assert max_diff(recomputed, plain) <= 1e-6 and norms == pytest.approx(plain_norms, rel=1e-6)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process(runs):
