@@ -21,6 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
+# Re-exports of the checkpoint-folder protocol (store.py with layout.py, pending.py, lock.py). Its own prune and
+# FORMAT stay at hf_loop.checkpoint.store.prune / layout.FORMAT while this file defines single-file versions.
+from hf_loop.checkpoint.layout import Candidate as Candidate
+from hf_loop.checkpoint.layout import CorruptCheckpoint as CorruptCheckpoint
+from hf_loop.checkpoint.layout import FileRecord as FileRecord
+from hf_loop.checkpoint.layout import Manifest as Manifest
+from hf_loop.checkpoint.layout import step_folder as step_folder
+from hf_loop.checkpoint.lock import OutDirLock as OutDirLock
+from hf_loop.checkpoint.pending import PendingCheckpoint as PendingCheckpoint
+from hf_loop.checkpoint.store import Loaded as Loaded
+from hf_loop.checkpoint.store import candidates as candidates
+from hf_loop.checkpoint.store import load_newest as load_newest
+from hf_loop.checkpoint.store import read as read
+from hf_loop.checkpoint.store import write as write
 from hf_loop.dist import DistEnv, all_gather_object, barrier
 
 logger = logging.getLogger("hf_loop")
