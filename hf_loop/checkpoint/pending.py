@@ -70,6 +70,17 @@ class PendingCheckpoint:
     Files go into ``folder`` (the temporary folder, renamed when every rank is done). Names are relative POSIX
     paths and may have subfolders (``"model/shard-0.pt"``); each name belongs to one rank. ``records`` maps
     the names this rank wrote to their :class:`FileRecord`.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> pending = PendingCheckpoint(folder, step=1, rank=0, out_dir=folder)
+        >>> pending.save("model.pt", {"w": torch.ones(2)})
+        >>> with pending.open("notes/run.txt") as f:
+        ...     f.write(b"lr=0.1")
+        6
+        >>> sorted(pending.records), pending.records["notes/run.txt"].size
+        (['model.pt', 'notes/run.txt'], 6)
     """
 
     def __init__(self, folder: Path, *, step: int, rank: int, out_dir: Path) -> None:
@@ -122,9 +133,10 @@ class PendingCheckpoint:
             if full is None:
                 raise
             done = sum(r.size for r in self.records.values())
-            partial = writer.size + writer.failed_write if writer else 0
+            needed = done + max(writer.size + writer.failed_write if writer else 0, expected)
+            on_disk = done + (path.stat().st_size if writer else 0)  # a failed write may have written part
             what = f"{full.strerror} writing {name}"
-            raise disk_full_error(self.out_dir, self.step, what, done + max(partial, expected)) from exc
+            raise _disk_full_error(self.out_dir, self.step, what, needed, on_disk) from exc
         self.records[name] = FileRecord(size=writer.size, sha256=digest, rank=self.rank)
         self._folders.add(path.parent)
 
@@ -178,26 +190,28 @@ def _disk_full(exc: BaseException | None, writer: _HashingWriter | None) -> OSEr
     return None
 
 
-def disk_full_error(out_dir: Path, step: int, what: str, needed: int) -> CheckpointError:
+def _disk_full_error(out_dir: Path, step: int, what: str, needed: int, written: int) -> CheckpointError:
+    """``written``: bytes of this checkpoint already on the disk, which come back when its folder is removed."""
     existing = next(p for p in (Path(out_dir), *Path(out_dir).absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing).free + written
     return CheckpointError(
         f"checkpoint step-{step:08d} could not be written: the disk holding {out_dir} is full ({what}). It "
-        f"needs at least {_human(needed)} ({needed} bytes) on this rank; {_human(free)} ({free} bytes) are free. "
-        "The unfinished folder is removed and earlier checkpoints are untouched: free some space, keep fewer "
-        "checkpoints, or use an out_dir on a larger disk."
+        f"needs at least {_human(needed)} ({needed} bytes) on this rank, and {_human(free)} ({free} bytes) are "
+        "free once its unfinished folder is removed. Earlier checkpoints are untouched: free some space, keep "
+        "fewer checkpoints, or use an out_dir on a larger disk."
     )
 
 
 @contextlib.contextmanager
 def disk_full_guard(final: Path, what: str, needed: int) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT inside the block into a CheckpointError; ``needed`` bytes are in the folder already."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise
-        out_dir = final.parent.parent
-        raise disk_full_error(out_dir, step_of(final), f"{exc.strerror} {what}", needed) from exc
+        what = f"{exc.strerror} {what}"
+        raise _disk_full_error(final.parent.parent, step_of(final), what, needed, needed) from exc
 
 
 def _human(n: float) -> str:
