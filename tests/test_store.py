@@ -119,9 +119,17 @@ def test_files_another_library_writes_are_registered_with_add(tmp_path):
     assert "model/.metadata" in written and any(n.endswith(".distcp") for n in written)
     for name in written:
         assert manifest.files[name].sha256 == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    assert store.verify(folder, "model") == manifest  # DCP reads its files itself: verify them first
     restored = {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}
     dcp.load(restored, checkpoint_id=folder / "model")
     assert all(torch.equal(restored[k], model[k]) for k in model)
+    shard = next(folder / n for n in written if n.endswith(".distcp"))
+    _flip_a_byte(shard)
+    with pytest.raises(CorruptCheckpoint, match=rf"{shard.name}: sha256 mismatch"):
+        store.verify(folder, ["model"])
+    store.verify(folder, "train_state.pt")
+    with pytest.raises(hl.CheckpointError, match=r"has no file under \['optim'\]; it lists \['model/"):
+        store.verify(folder, "optim")
 
 
 def test_an_error_while_filling_leaves_nothing_behind_and_the_earlier_checkpoint_intact(tmp_path):

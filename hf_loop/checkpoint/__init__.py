@@ -34,6 +34,7 @@ from hf_loop.checkpoint.store import Loaded as Loaded
 from hf_loop.checkpoint.store import candidates as candidates
 from hf_loop.checkpoint.store import load_newest as load_newest
 from hf_loop.checkpoint.store import read as read
+from hf_loop.checkpoint.store import verify as verify
 from hf_loop.checkpoint.store import write as write
 from hf_loop.dist import DistEnv, all_gather_object, barrier
 

@@ -69,7 +69,11 @@ class OutDirLock:
             os.close(fd)
             raise
         self._fd = fd
-        clean_stale(self.out_dir / "checkpoints")
+        try:
+            clean_stale(self.out_dir / "checkpoints")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -133,6 +137,8 @@ def _read_holder(fd: int) -> dict:
 
 
 def _who(holder: dict) -> str:
+    if not holder:
+        return "another process (which has not written its record yet)"
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         return f"this process (pid {os.getpid()}), which holds it already"
     return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('started')})"

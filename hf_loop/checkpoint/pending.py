@@ -115,7 +115,8 @@ class PendingCheckpoint:
             raise ValueError(f"nothing named {name!r} in {self.folder}: write it there first, then add() it")
         for p in paths:
             if (rel := p.relative_to(self.folder).as_posix()) not in self.records:
-                self.records[rel] = _hash_file(p, self.rank)
+                size, digest = hash_file(p, sync=True)
+                self.records[rel] = FileRecord(size=size, sha256=digest, rank=self.rank)
                 self._folders.add(p.parent)
 
     @contextlib.contextmanager
@@ -169,14 +170,16 @@ def _tensor_bytes(obj: Any) -> int:
     return sum(sizes.values())
 
 
-def _hash_file(path: Path, rank: int) -> FileRecord:
+def hash_file(path: Path, *, sync: bool = False) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read once in 4 MB chunks; ``sync``: fsync it too (a file just written)."""
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(f.fileno())
-    return FileRecord(size=size, sha256=digest.hexdigest(), rank=rank)
+        if sync:
+            os.fsync(f.fileno())
+    return size, digest.hexdigest()
 
 
 def _disk_full(exc: BaseException | None, writer: _HashingWriter | None) -> OSError | None:

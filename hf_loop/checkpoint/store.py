@@ -45,7 +45,7 @@ from hf_loop.checkpoint.layout import (
     unique_name,
     utc_now,
 )
-from hf_loop.checkpoint.pending import PendingCheckpoint, disk_full_guard
+from hf_loop.checkpoint.pending import PendingCheckpoint, disk_full_guard, hash_file
 from hf_loop.dist import DistEnv, all_gather_object, broadcast_object
 from hf_loop.errors import CheckpointError
 
@@ -183,10 +183,7 @@ def read(
         raise CorruptCheckpoint(folder, name, "missing") from None
     except OSError as exc:
         raise CorruptCheckpoint(folder, name, f"cannot be read ({exc.strerror})") from None
-    if len(data) != record.size:
-        raise CorruptCheckpoint(folder, name, size_reason(len(data), record.size))
-    if hashlib.sha256(data).hexdigest() != record.sha256:
-        raise CorruptCheckpoint(folder, name, "sha256 mismatch (the file changed after it was written)")
+    _check(folder, name, record, len(data), hashlib.sha256(data).hexdigest())
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -194,6 +191,47 @@ def read(
         raise CorruptCheckpoint(folder, name, f"{reason} ({_describe(exc)})") from None
     except Exception as exc:
         raise CorruptCheckpoint(folder, name, f"cannot be loaded ({_describe(exc)})") from None
+
+
+def verify(
+    folder: str | os.PathLike, names: str | Iterable[str] | None = None, *, manifest: Manifest | None = None
+) -> Manifest:
+    """Check size and sha256 of files that another library reads itself, e.g. a DCP folder before ``dcp.load``.
+
+    Args:
+        names: file names or folders (``"model"`` covers ``"model/__0_0.distcp"``); None checks every file.
+
+    Raises:
+        CorruptCheckpoint: the first file that is missing or differs from the manifest.
+        CheckpointError: the manifest lists nothing under ``names``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = write(tempfile.mkdtemp(), 1, DistEnv(), lambda p: p.save("a/b.pt", 0), identity={})
+        >>> sorted(verify(folder, "a").files)
+        ['a/b.pt']
+    """
+    folder = Path(folder)
+    manifest = manifest or Manifest.load(folder)
+    wanted = [names] if isinstance(names, str) else names
+    chosen = [
+        name
+        for name in sorted(manifest.files)
+        if wanted is None or any(name == w or name.startswith(f"{w.rstrip('/')}/") for w in wanted)
+    ]
+    if wanted is not None and not chosen:
+        raise CheckpointError(
+            f"checkpoint {folder} has no file under {wanted}; it lists {sorted(manifest.files)}"
+        )
+    for name in chosen:
+        try:
+            size, digest = hash_file(folder / name)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(folder, name, "missing") from None
+        except OSError as exc:
+            raise CorruptCheckpoint(folder, name, f"cannot be read ({exc.strerror})") from None
+        _check(folder, name, manifest.files[name], size, digest)
+    return manifest
 
 
 def load_newest(
@@ -311,6 +349,14 @@ def _check_visible(folder: Path, files: Mapping[str, FileRecord]) -> None:
                 f"rank {record.rank} wrote {name} ({record.size} bytes) but rank 0 sees {seen} in {folder}: "
                 "out_dir must be on a filesystem every rank shares"
             )
+
+
+def _check(folder: Path, name: str, record: FileRecord, size: int, sha256: str) -> None:
+    """Raise CorruptCheckpoint if the bytes read differ from the record (a wrong size is the clearer reason)."""
+    if size != record.size:
+        raise CorruptCheckpoint(folder, name, size_reason(size, record.size))
+    if sha256 != record.sha256:
+        raise CorruptCheckpoint(folder, name, "sha256 mismatch (the file changed after it was written)")
 
 
 def _intact(folder: Path, step: int) -> bool:
