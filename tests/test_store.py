@@ -197,13 +197,17 @@ def test_a_checkpoint_set_aside_by_a_replacement_that_died_is_restored_by_the_lo
     assert torch.equal(read(folder, "model.pt"), torch.ones(2))
 
 
-def test_a_killed_writer_leaves_the_earlier_checkpoints_and_the_next_lock_holder_cleans_up(tmp_path, caplog):
+def test_a_live_writer_holds_out_dir_and_once_killed_mid_write_its_lock_and_leftovers_are_taken_over(
+    tmp_path, caplog
+):
     writer = python(
         "import os, signal, sys, torch\n"
         "from hf_loop import DistEnv\n"
         "from hf_loop.checkpoint import OutDirLock, write\n"
         "out = sys.argv[1]\n"
         "OutDirLock(out).__enter__()\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.readline()\n"
         "write(out, 1, DistEnv(), lambda p: p.save('model.pt', torch.ones(3)), identity={})\n"
         "def dies(p):\n"
         "    p.save('model.pt', torch.full((3,), 2.0))\n"
@@ -213,48 +217,42 @@ def test_a_killed_writer_leaves_the_earlier_checkpoints_and_the_next_lock_holder
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "write(out, 2, DistEnv(), dies, identity={})\n",
         str(tmp_path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
+    assert writer.stdout.readline().strip() == "locked"
+    expected = rf"in use by pid {writer.pid} on host {socket.gethostname()} \(since .*another out_dir"
+    with pytest.raises(hl.CheckpointError, match=expected):
+        OutDirLock(tmp_path).__enter__()
+    writer.stdin.write("go\n")
+    writer.stdin.close()
     assert writer.wait(timeout=120) == -signal.SIGKILL
     left = entries(tmp_path)
     assert left[0].startswith(".tmp-step-00000002-") and left[1:] == ["step-00000001"]
     assert [c.folder.name for c in candidates(tmp_path)] == ["step-00000001"]
     assert torch.equal(load_newest(tmp_path, ENV, read_model).state, torch.ones(3))
-    assert json.loads((tmp_path / lock.LOCK).read_text())["pid"] == writer.pid
     with caplog.at_level(logging.WARNING, logger="hf_loop"), OutDirLock(tmp_path):
-        assert entries(tmp_path) == ["step-00000001"]
+        assert entries(tmp_path) == ["step-00000001"]  # the dead writer's temporary folder is gone
         save_files(tmp_path, 2, model=torch.full((3,), 2.0))
     assert f"taking over the lock left by pid {writer.pid} on host {socket.gethostname()}" in caplog.text
-    assert (tmp_path / lock.LOCK).read_text() == ""  # released
     assert torch.equal(load_newest(tmp_path, ENV, read_model).state, torch.full((3,), 2.0))
 
 
 # --- the lock ------------------------------------------------------------------------------------------------
 
 
-def test_a_second_live_process_on_the_same_out_dir_is_refused(tmp_path, caplog):
-    holder = python(
-        "import sys\n"
-        "from hf_loop.checkpoint import OutDirLock\n"
-        "with OutDirLock(sys.argv[1]):\n"
-        "    print('locked', flush=True)\n"
-        "    sys.stdin.read()\n",
-        str(tmp_path),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        expected = rf"in use by pid {holder.pid} on host {socket.gethostname()} \(since .*another out_dir"
-        with pytest.raises(hl.CheckpointError, match=expected):
-            OutDirLock(tmp_path).__enter__()
-    finally:
-        holder.stdin.close()
-        assert holder.wait(timeout=60) == 0
-    with caplog.at_level(logging.WARNING, logger="hf_loop"), OutDirLock(tmp_path) as taken:
-        with pytest.raises(hl.CheckpointError, match="in use by this process .*which holds it already"):
-            OutDirLock(tmp_path).__enter__()
-        assert json.loads(taken.path.read_text())["pid"] == os.getpid()
-    assert caplog.text == ""  # a lock released cleanly is taken without a warning
+def test_the_lock_records_its_holder_refuses_a_second_holder_and_is_released_cleanly(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_loop"):
+        with OutDirLock(tmp_path) as taken:
+            record = json.loads(taken.path.read_text())
+            assert (record["pid"], record["host"]) == (os.getpid(), socket.gethostname())
+            assert datetime.fromisoformat(record["started"]).tzinfo
+            with pytest.raises(hl.CheckpointError, match="in use by this process .*which holds it already"):
+                OutDirLock(tmp_path).__enter__()
+        assert taken.path.read_text() == ""  # released
+        with OutDirLock(tmp_path):
+            pass
+    assert caplog.text == ""  # a lock released cleanly is taken again without a warning
 
 
 def test_a_lock_left_on_another_host_is_refused_with_how_to_remove_it(tmp_path):
