@@ -379,7 +379,7 @@ def test_prune_never_deletes_the_newest_intact_checkpoint(tmp_path):
 # --- a full disk ---------------------------------------------------------------------------------------------
 
 DISK_FULL_SCRIPT = """
-import json, os, shutil, sys, torch
+import io, json, os, shutil, sys, torch
 from hf_loop import CheckpointError, DistEnv
 from hf_loop.checkpoint import load_newest, read, write
 out = sys.argv[1]
@@ -389,9 +389,21 @@ try:
     error = None
 except CheckpointError as exc:
     error = str(exc)
+# Now leave room for the files but not for the manifest (tmpfs counts 4 KB pages): rank 0's last write fails.
+buffer = io.BytesIO()
+torch.save(torch.zeros(1000), buffer)
+pages = -(-len(buffer.getvalue()) // 4096)
+with open(os.path.join(out, "filler"), "wb") as f:
+    f.write(bytes(shutil.disk_usage(out).free - pages * 4096))
+try:
+    write(out, 3, DistEnv(), lambda p: p.save("model.pt", torch.zeros(1000)), identity={})
+    manifest_error = None
+except CheckpointError as exc:
+    manifest_error = str(exc)
+os.remove(os.path.join(out, "filler"))
 found = load_newest(out, DistEnv(), lambda folder, m: read(folder, "model.pt", manifest=m))
-print(json.dumps({"error": error, "entries": sorted(os.listdir(os.path.join(out, "checkpoints"))),
-                  "found": found.folder.name, "sum": float(found.state.sum())}))
+print(json.dumps({"error": error, "manifest_error": manifest_error, "found": found.folder.name,
+                  "entries": sorted(os.listdir(os.path.join(out, "checkpoints"))), "sum": float(found.state.sum())}))
 """
 
 
@@ -431,12 +443,16 @@ def test_a_full_disk_is_a_clear_error_and_the_earlier_checkpoints_still_load(tmp
     error = result["error"]
     assert f"checkpoint step-00000002 could not be written: the disk holding {disk} is full" in error
     assert "(No space left on device writing model.pt)" in error
-    needed = int(error.split(" bytes) on this rank")[0].rsplit("(", 1)[1])
+    needed = int(error.split(" bytes) on this rank; ")[0].rsplit("(", 1)[1])
     assert f"It needs at least 4.0 MB ({needed} bytes)" in error and needed >= 4 * 1024 * 1024  # the tensor
     free = int(error.split(" bytes) are free once its unfinished folder is removed")[0].rsplit("(", 1)[1])
     assert 1_500_000 < free < 2 * 1024 * 1024  # the 2 MB disk less step 1 (about 260 KB)
     assert "Earlier checkpoints are untouched" in error
-    assert result["entries"] == ["step-00000001"]  # the unfinished folder is gone
+    manifest_error = result["manifest_error"]
+    assert "step-00000003 could not be written: the disk holding" in manifest_error
+    assert "(No space left on device writing manifest.json). It needs at least " in manifest_error
+    assert "bytes) for the files of every rank; " in manifest_error
+    assert result["entries"] == ["step-00000001"]  # the unfinished folders are gone
     assert (result["found"], result["sum"]) == ("step-00000001", 64 * 1024)
 
 

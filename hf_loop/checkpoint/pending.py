@@ -137,7 +137,9 @@ class PendingCheckpoint:
             needed = done + max(writer.size + writer.failed_write if writer else 0, expected)
             on_disk = done + (path.stat().st_size if writer else 0)  # a failed write may have written part
             what = f"{full.strerror} writing {name}"
-            raise _disk_full_error(self.out_dir, self.step, what, needed, on_disk) from exc
+            raise _disk_full_error(
+                self.out_dir, self.step, what, _needs(needed, "on this rank"), on_disk
+            ) from exc
         self.records[name] = FileRecord(size=writer.size, sha256=digest, rank=self.rank)
         self._folders.add(path.parent)
 
@@ -193,28 +195,34 @@ def _disk_full(exc: BaseException | None, writer: _HashingWriter | None) -> OSEr
     return None
 
 
-def _disk_full_error(out_dir: Path, step: int, what: str, needed: int, written: int) -> CheckpointError:
-    """``written``: bytes of this checkpoint already on the disk, which come back when its folder is removed."""
+def _disk_full_error(out_dir: Path, step: int, what: str, needed: str, written: int) -> CheckpointError:
+    """``needed``: a sentence on the bytes needed; ``written``: bytes of this checkpoint already on the disk,
+    which come back when its unfinished folder is removed."""
     existing = next(p for p in (Path(out_dir), *Path(out_dir).absolute().parents) if p.exists())
     free = shutil.disk_usage(existing).free + written
     return CheckpointError(
-        f"checkpoint step-{step:08d} could not be written: the disk holding {out_dir} is full ({what}). It "
-        f"needs at least {_human(needed)} ({needed} bytes) on this rank, and {_human(free)} ({free} bytes) are "
-        "free once its unfinished folder is removed. Earlier checkpoints are untouched: free some space, keep "
-        "fewer checkpoints, or use an out_dir on a larger disk."
+        f"checkpoint step-{step:08d} could not be written: the disk holding {out_dir} is full ({what}). "
+        f"{needed}{_human(free)} ({free} bytes) are free once its unfinished folder is removed. Earlier "
+        "checkpoints are untouched: free some space, keep fewer checkpoints, or use an out_dir on a larger disk."
     )
 
 
+def _needs(nbytes: int, where: str) -> str:
+    return f"It needs at least {_human(nbytes)} ({nbytes} bytes) {where}; " if nbytes else ""
+
+
 @contextlib.contextmanager
-def disk_full_guard(final: Path, what: str, needed: int) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT inside the block into a CheckpointError; ``needed`` bytes are in the folder already."""
+def disk_full_guard(final: Path, what: str, needed: int = 0, written: int = 0) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT inside the block into a CheckpointError. ``needed``: bytes the whole checkpoint needs
+    (every rank's files); ``written``: the part of them already in its folder."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in _DISK_FULL:
             raise
         what = f"{exc.strerror} {what}"
-        raise _disk_full_error(final.parent.parent, step_of(final), what, needed, needed) from exc
+        needs = _needs(needed, "for the files of every rank")
+        raise _disk_full_error(final.parent.parent, step_of(final), what, needs, written) from exc
 
 
 def _human(n: float) -> str:

@@ -102,7 +102,7 @@ def write(
             }
             manifest = Manifest(step=step, world_size=env.world_size, files={}, **plain)
             temp = final.with_name(unique_name(TEMP_PREFIX, final.name))
-            with disk_full_guard(final, "creating the checkpoint folder", 0):
+            with disk_full_guard(final, "creating the checkpoint folder"):
                 temp.mkdir(parents=True)
         except Exception as exc:
             problem, own = f"rank 0: {_describe(exc)}", exc
@@ -307,9 +307,12 @@ def prune(
 
 def _publish(temp: Path, final: Path, manifest: Manifest) -> None:
     """Manifest last, fsync, rename; an existing ``final`` is set aside first so a crash keeps one of the two."""
-    needed = sum(r.size for r in manifest.files.values())
-    with disk_full_guard(final, f"writing {MANIFEST}", needed), open(temp / MANIFEST, "w") as f:
-        f.write(manifest.to_json())
+    text, written = manifest.to_json(), sum(r.size for r in manifest.files.values())
+    with (
+        disk_full_guard(final, f"writing {MANIFEST}", written + len(text), written),
+        open(temp / MANIFEST, "w") as f,
+    ):
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(temp)
