@@ -487,6 +487,7 @@ def _two_ranks(env: hl.DistEnv, out_dir: str) -> dict:
     result["manifest"] = Manifest.load(step_folder(out, 1)).to_json()
     result["failed"] = outcome(fails_on_rank_1, 2)
     result["after_failure"] = entries(out)
+    barrier(env)  # both ranks list before rank 0 starts the next write
     result["duplicate"] = outcome(lambda p: p.save("same.pt", env.rank), 2)
     outcome(fill, 3)
     barrier(env)
