@@ -177,3 +177,78 @@ def test_a_diverged_model_is_never_checkpointed_and_a_finite_one_stays(tmp_path)
     # The rerun resumes from the finite checkpoint (and, with a healthy model, finishes).
     result = quick_run(tmp_path, model=NaNAt(bad_step=0), n=64, max_steps=12, checkpoint_every=1, keep_last=2)
     assert result.resumed_from.name == "step-00000007" and result.steps == 12
+
+
+HOLD_LOCK = """
+import sys, time
+from hf_loop.checkpoint import OutDirLock
+with OutDirLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_live_run_on_the_same_out_dir_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # a live run holds out_dir
+        with pytest.raises(hl.CheckpointError, match=rf"pid {holder.pid}.*another out_dir"):
+            quick_run(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert quick_run(tmp_path).steps == 2  # the holder is gone: its lock is taken over
+
+
+DISK_FULL_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from _train_script import classification_dataset, tiny_bert
+import hf_loop as hl
+
+def run(max_steps):
+    model = tiny_bert()
+    loader = hl.make_loader(classification_dataset(64), batch_size=4, sampler="random")
+    config = hl.TrainConfig(max_steps=max_steps, out_dir=sys.argv[1], checkpoint_every=1, keep_last=1,
+                            progress=False, export=False)
+    return hl.train(model, loader, torch.optim.AdamW(model.parameters()), config)
+
+try:
+    run(12)
+    error = None
+except hl.CheckpointError as exc:
+    error = str(exc)
+resumed = run(1)  # a finished run's rerun: it loads the newest checkpoint left on the full disk
+print(json.dumps({"error": error, "resumed": resumed.resumed_from.name}))
+"""
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_error_and_the_last_checkpoint_loads(tmp_path):
+    """On a real 500 kB tmpfs (a user + mount namespace): one tiny-BERT checkpoint (~340 kB) fits, two do not."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unshare = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode:
+        pytest.skip("user namespaces are not available here to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = 'mount -t tmpfs -o size=500k tmpfs "$0" && exec "$1" -c "$2" "$0" "$3"'
+    tests = str(Path(__file__).parent)
+    done = subprocess.run([*unshare, "sh", "-c", mount, disk, sys.executable, DISK_FULL_RUN, tests],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (
+        f"the disk holding {disk} is full" in result["error"]
+        and "Earlier checkpoints are untouched" in result["error"]
+    )
+    assert result["resumed"] == "step-00000001"  # the second checkpoint did not fit; the first one loads

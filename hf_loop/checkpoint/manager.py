@@ -22,6 +22,8 @@ from typing import Any
 
 from hf_loop.checkpoint import store
 from hf_loop.checkpoint.identity import check_identity
+from hf_loop.checkpoint.layout import Manifest, step_folder
+from hf_loop.checkpoint.lock import OutDirLock
 from hf_loop.dist import DistEnv
 from hf_loop.errors import CheckpointError
 from hf_loop.fsdp import is_sharded, load_sharded, load_state_dicts, save_sharded, sharded_files, state_dicts
@@ -74,7 +76,7 @@ class Checkpointer:
             yield
             return
         Path(self.config.out_dir).mkdir(parents=True, exist_ok=True)
-        with store.OutDirLock(self.config.out_dir):
+        with OutDirLock(self.config.out_dir):
             yield
 
     # -- resume --------------------------------------------------------------------------------------------
@@ -96,15 +98,15 @@ class Checkpointer:
             return None
         self.path, manifest, loaded = found
         self.resumed_from = self.path
-        check_identity(manifest["identity"], self.identity, self.path, allow=self.config.resume_allow)
-        saved_world = manifest["world_size"]
+        check_identity(manifest.identity, self.identity, self.path, allow=self.config.resume_allow)
+        saved_world = manifest.world_size
         if saved_world != self.env.world_size and loaded["loader"].get("kind") == "stream":
             raise CheckpointError(
                 f"checkpoint {self.path} was written by {saved_world} processes and this run has "
                 f"{self.env.world_size}; a stream's shard positions cannot be redistributed. Resume with "
                 f"--nproc_per_node={saved_world} (the same world size), or use another out_dir."
             )
-        self.fresh_optimizer = manifest["identity"]["optimizer"] != self.identity["optimizer"]
+        self.fresh_optimizer = manifest.identity["optimizer"] != self.identity["optimizer"]
         if self.fresh_optimizer:  # allowed by resume_allow: a new optimizer class starts fresh
             loaded.pop("optimizer", None)
             logger.warning("resuming %s with a fresh %s (its optimizer state is not loaded)", self.path,
@@ -112,17 +114,18 @@ class Checkpointer:
         self.saved_step = loaded["train_state"]["step"]
         return loaded
 
-    def _read(self, folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        own = manifest["world_size"] == self.env.world_size
-        sharded = sorted(name for name in manifest["files"] if name.startswith(f"{SHARDED}/"))
+    def _read(self, folder: Path, manifest: Manifest) -> dict[str, Any]:
+        own = manifest.world_size == self.env.world_size
+        sharded = sorted(name for name in manifest.files if name.startswith(f"{SHARDED}/"))
         if sharded:  # read by Distributed Checkpoint when applied; the ranks share the checks out
-            for name in sharded[self.env.rank :: self.env.world_size]:
-                store.verify(folder, name)
+            mine = sharded[self.env.rank :: self.env.world_size]
+            if mine:
+                store.verify(folder, mine, manifest=manifest)
             loaded: dict[str, Any] = {"sharded": folder / SHARDED}
         else:
-            loaded = {name: store.read(folder, file) for name, file in WEIGHTS.items()}
-        loaded.update(store.read(folder, TRAIN_FILE))
-        loaded.update(store.read(folder, rank_file(self.env.rank if own else 0)))
+            loaded = {name: store.read(folder, file, manifest=manifest) for name, file in WEIGHTS.items()}
+        loaded.update(store.read(folder, TRAIN_FILE, manifest=manifest))
+        loaded.update(store.read(folder, rank_file(self.env.rank if own else 0), manifest=manifest))
         return loaded
 
     def apply(self, loaded: Mapping[str, Any], names: tuple[str, ...] | None = None) -> None:
@@ -144,7 +147,7 @@ class Checkpointer:
         """The folder of the checkpoint at ``step`` (None without ``out_dir`` or step)."""
         if self.config.out_dir is None or step is None:
             return None
-        return store.step_folder(self.config.out_dir, step)
+        return step_folder(self.config.out_dir, step)
 
     # -- save ----------------------------------------------------------------------------------------------
 
@@ -176,7 +179,7 @@ class Checkpointer:
         self.saved_step = step
         if self.env.is_main:
             best = train_state.best_step
-            keep = [store.step_folder(self.config.out_dir, best)] if best is not None else []
+            keep = [step_folder(self.config.out_dir, best)] if best is not None else []
             store.prune(self.config.out_dir, self.config.keep_last, keep=keep)
         return self.path
 

@@ -1,4 +1,12 @@
-"""TEMPORARY minimal store (replaced by the store branch): step folders + manifest, same API."""
+"""Checkpoint folders: written atomically by every rank, checksummed while written, verified when read.
+
+Every rank writes its files into a temporary folder; rank 0 then writes ``manifest.json`` (step, world size,
+every file's size and sha256, the run's identity, library versions), fsyncs, and renames the folder to
+``checkpoints/step-00000012``. A crash at any point (even ``kill -9``) leaves the earlier checkpoints and at
+most an unfinished temporary folder. Reads check size and sha256 before unpickling with ``weights_only=True``,
+and :func:`load_newest` falls back past damaged checkpoints. This layer knows nothing about models or loaders:
+what goes into which file is the caller's business. The layout is in ``layout.py``, the lock in ``lock.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,128 +15,406 @@ import io
 import json
 import logging
 import os
+import pickle
+import platform
 import shutil
-import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from hf_loop.dist import DistEnv, all_gather_object, all_reduce, barrier, broadcast_object
+from hf_loop.checkpoint.layout import (
+    ASIDE_PREFIX,
+    MANIFEST,
+    TEMP_PREFIX,
+    Candidate,
+    CorruptCheckpoint,
+    FileRecord,
+    Manifest,
+    fsync_dir,
+    inspect,
+    remove,
+    scan,
+    size_reason,
+    step_folder,
+    step_folders,
+    step_of,
+    unique_name,
+    utc_now,
+)
+from hf_loop.checkpoint.pending import PendingCheckpoint, disk_full_guard, hash_file
+from hf_loop.dist import DistEnv, all_gather_object, broadcast_object
 from hf_loop.errors import CheckpointError
 
 logger = logging.getLogger("hf_loop")
-FORMAT = 2
 
 
-class CorruptCheckpoint(CheckpointError):
-    pass
+class Loaded(NamedTuple):
+    """What :func:`load_newest` found: the folder, its manifest, and what ``read_fn`` returned."""
+
+    folder: Path
+    manifest: Manifest
+    state: Any
 
 
-def step_folder(out_dir, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step-{step:08d}"
+def write(
+    out_dir: str | os.PathLike,
+    step: int,
+    env: DistEnv,
+    fill: Callable[[PendingCheckpoint], Any],
+    *,
+    identity: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint folder atomically. Every rank calls it; ``fill(pending)`` writes this rank's files.
 
+    Rank 0 picks the temporary folder; each rank fills it; the ranks agree; rank 0 checks that it sees every
+    rank's files, writes the manifest, fsyncs and renames the folder to ``step_folder(out_dir, step)``. A folder
+    already there (a rerun reaching the same step) is set aside first and deleted after, so a crash in between
+    keeps one of the two. If any rank fails, every rank raises, the temporary folder is removed and nothing is
+    renamed. Call :func:`prune` after it, not before.
 
-class PendingCheckpoint:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.files: dict[str, dict[str, Any]] = {}
+    Args:
+        identity: plain JSON values describing the run (what a resume must match); rank 0's is recorded.
+        extra: plain JSON values stored in the manifest as they are (e.g. this checkpoint's eval metric).
 
-    def add(self, name: str) -> None:
-        data = (self.folder / name).read_bytes()
-        self.files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    Raises:
+        CheckpointError: the disk is full (naming out_dir, the bytes needed and free), or another rank failed.
+        TypeError: identity or extra is not plain JSON.
 
-    def save(self, name: str, obj: Any) -> None:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        data = buffer.getvalue()
-        with open(self.folder / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self.files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def write(out_dir, step: int, env: DistEnv, fill, *, identity: dict, extra: dict | None = None) -> Path:
-    parent = Path(out_dir) / "checkpoints"
-    name = broadcast_object(f".tmp-step-{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}", env)
-    temp = parent / name
-    if env.is_main:
-        temp.mkdir(parents=True)
-    barrier(env)
-    pending = PendingCheckpoint(temp)
-    fill(pending)
-    records = all_gather_object(pending.files, env)
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> folder = write(out, 3, DistEnv(), lambda p: p.save("model.pt", {"w": torch.ones(2)}), identity={})
+        >>> folder.name, read(folder, "model.pt")
+        ('step-00000003', {'w': tensor([1., 1.])})
+    """
     final = step_folder(out_dir, step)
-    if env.is_main:
-        files = {k: v for r in records for k, v in r.items()}
-        manifest = {"format": FORMAT, "step": step, "world_size": env.world_size, "files": files,
-                    "identity": identity, "extra": extra or {}}  # fmt: skip
-        (temp / "manifest.json").write_text(json.dumps(manifest))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-    barrier(env)
+    temp, problem, own = None, None, None
+    if env.is_main:  # rank 0 picks the temporary name, so every rank writes into the same folder
+        try:
+            plain = {
+                "identity": _plain_json(identity, "identity"),
+                "extra": _plain_json(extra or {}, "extra"),
+            }
+            manifest = Manifest(step=step, world_size=env.world_size, files={}, **plain)
+            temp = final.with_name(unique_name(TEMP_PREFIX, final.name))
+            with disk_full_guard(final, "creating the checkpoint folder"):
+                temp.mkdir(parents=True)
+        except Exception as exc:
+            problem, own = f"rank 0: {_describe(exc)}", exc
+    temp_name, problem = broadcast_object((temp.name if temp else None, problem), env)
+    if problem:
+        raise own if own is not None else CheckpointError(f"{final.name} was not written: {problem}")
+
+    pending = PendingCheckpoint(final.with_name(temp_name), step=step, rank=env.rank, out_dir=Path(out_dir))
+    try:
+        if not pending.folder.is_dir():
+            raise CheckpointError(
+                f"rank {env.rank} cannot see {pending.folder}, created by rank 0: out_dir must be on a "
+                "filesystem every rank shares"
+            )
+        fill(pending)
+        pending.sync_folders()
+    except BaseException as exc:  # every rank must reach the agreement below, or the others would hang
+        own = exc
+    gathered = all_gather_object((pending.records, None if own is None else _describe(own)), env)
+    problem = _disagreement(gathered)
+    if problem is None and env.is_main:
+        try:
+            files = {name: record for records, _ in gathered for name, record in records.items()}
+            _check_visible(pending.folder, files)
+            _publish(
+                pending.folder, final, replace(manifest, files=files, versions=_versions(), created=utc_now())
+            )
+        except Exception as exc:
+            problem, own = f"rank 0: {_describe(exc)}", exc
+    if problem and env.is_main:
+        remove(pending.folder)
+    problem = broadcast_object(problem, env)
+    if problem:
+        if own is not None:
+            raise own
+        raise CheckpointError(
+            f"{final.name} was not written: {problem}. Nothing was renamed; earlier checkpoints are untouched."
+        )
     return final
 
 
-def candidates(out_dir) -> list[Path]:
-    parent = Path(out_dir) / "checkpoints"
-    if not parent.is_dir():
-        return []
-    found = [p for p in parent.iterdir() if p.name.startswith("step-") and (p / "manifest.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+def candidates(out_dir: str | os.PathLike) -> list[Candidate]:
+    """Checkpoints that look complete, newest step first: the manifest parses, every file has its size.
+
+    Cheap (no hashing). A folder that fails is skipped with a warning naming it and the reason. Temporary
+    folders and names other than ``step-<8 or more digits>`` are not checkpoints and are ignored.
+
+    Example:
+        >>> import tempfile
+        >>> candidates(tempfile.mkdtemp())
+        []
+    """
+    good, broken = scan(out_dir)
+    for folder, reason in broken:
+        logger.warning("skipping %s: %s", _shown(out_dir, folder), reason)
+    return good
 
 
-def manifest_of(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+def read(
+    folder: str | os.PathLike, name: str, *, manifest: Manifest | None = None, map_location: Any = "cpu"
+) -> Any:
+    """Read ``name`` once, check its size and sha256 against the manifest, then unpickle it (weights_only).
+
+    Raises:
+        CorruptCheckpoint: missing manifest or file, wrong size or checksum, or a payload weights_only refuses.
+        CheckpointError: the manifest does not list ``name`` (a file that was never written, not damage).
+    """
+    folder = Path(folder)
+    manifest = manifest or Manifest.load(folder)
+    record = manifest.files.get(name)
+    if record is None:
+        listed = sorted(manifest.files)
+        raise CheckpointError(f"checkpoint {folder} has no file {name!r}; its manifest lists {listed}")
+    try:
+        with open(folder / name, "rb") as f:
+            data = f.read(record.size + 1)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(folder, name, "missing") from None
+    except OSError as exc:
+        raise CorruptCheckpoint(folder, name, f"cannot be read ({exc.strerror})") from None
+    _check(folder, name, record, len(data), hashlib.sha256(data).hexdigest())
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = "holds pickled objects other than tensors and plain values, refused by weights_only"
+        raise CorruptCheckpoint(folder, name, f"{reason} ({_describe(exc)})") from None
+    except Exception as exc:
+        raise CorruptCheckpoint(folder, name, f"cannot be loaded ({_describe(exc)})") from None
 
 
-def read(folder: Path, name: str) -> Any:
-    manifest = manifest_of(folder)
-    data = (folder / name).read_bytes()
-    record = manifest["files"].get(name)
-    if record is None or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise CorruptCheckpoint(f"{folder}: {name} does not verify")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def verify(
+    folder: str | os.PathLike, names: str | Iterable[str] | None = None, *, manifest: Manifest | None = None
+) -> Manifest:
+    """Check size and sha256 of files that another library reads itself, e.g. a DCP folder before ``dcp.load``.
 
+    Args:
+        names: file names or folders (``"model"`` covers ``"model/__0_0.distcp"``); None checks every file.
 
-def verify(folder: Path, name: str) -> None:
-    manifest = manifest_of(folder)
-    data = (folder / name).read_bytes()
-    record = manifest["files"].get(name)
-    if record is None or len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise CorruptCheckpoint(f"{folder}: {name} does not verify")
+    Raises:
+        CorruptCheckpoint: the first file that is missing or differs from the manifest.
+        CheckpointError: the manifest lists nothing under ``names``.
 
-
-def load_newest(out_dir, env: DistEnv, read_fn):
-    folders = broadcast_object([str(p) for p in candidates(out_dir)] if out_dir is not None else [], env)
-    for folder in map(Path, folders):
+    Example:
+        >>> import tempfile
+        >>> folder = write(tempfile.mkdtemp(), 1, DistEnv(), lambda p: p.save("a/b.pt", 0), identity={})
+        >>> sorted(verify(folder, "a").files)
+        ['a/b.pt']
+    """
+    folder = Path(folder)
+    manifest = manifest or Manifest.load(folder)
+    wanted = [names] if isinstance(names, str) else names
+    chosen = [
+        name
+        for name in sorted(manifest.files)
+        if wanted is None or any(name == w or name.startswith(f"{w.rstrip('/')}/") for w in wanted)
+    ]
+    if wanted is not None and not chosen:
+        raise CheckpointError(
+            f"checkpoint {folder} has no file under {wanted}; it lists {sorted(manifest.files)}"
+        )
+    for name in chosen:
         try:
-            manifest = manifest_of(folder)
-            result, ok = read_fn(folder, manifest), 1
-        except CheckpointError as error:
-            result, ok, reason = None, 0, str(error)
-        if int(all_reduce(ok, env, op="min")):
-            return folder, manifest, result
-        if env.is_main:
-            logger.warning("skipping %s: %s", folder, reason if not ok else "another rank could not read it")
+            size, digest = hash_file(folder / name)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(folder, name, "missing") from None
+        except OSError as exc:
+            raise CorruptCheckpoint(folder, name, f"cannot be read ({exc.strerror})") from None
+        _check(folder, name, manifest.files[name], size, digest)
+    return manifest
+
+
+def load_newest(
+    out_dir: str | os.PathLike, env: DistEnv, read_fn: Callable[[Path, Manifest], Any]
+) -> Loaded | None:
+    """The newest checkpoint every rank can read, falling back past damaged ones; None if there is none.
+
+    Rank 0 lists the candidates and broadcasts the list. For each, newest first, every rank calls
+    ``read_fn(folder, manifest)``, which reads and verifies what this rank needs (with :func:`read`) and
+    returns it without applying it to anything. If any rank raised CorruptCheckpoint, all ranks move to the
+    previous candidate and rank 0 warns naming the folder and the reason. Any other error is raised on every
+    rank (a bug or a refusal is not damage, and must not silently restart a run from scratch).
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> _ = write(out, 1, DistEnv(), lambda p: p.save("a.pt", torch.zeros(1)), identity={})
+        >>> load_newest(out, DistEnv(), lambda folder, m: read(folder, "a.pt", manifest=m)).state
+        tensor([0.])
+    """
+    listing, skipped = scan(out_dir) if env.is_main else ([], [])
+    for candidate in broadcast_object(listing, env):
+        state, problem, own = None, None, None
+        try:
+            state = read_fn(candidate.folder, candidate.manifest)
+        except CorruptCheckpoint as exc:
+            problem = ("corrupt", f"{exc.name}: {exc.reason}")
+        except BaseException as exc:  # every rank must reach the agreement below
+            problem, own = ("error", _describe(exc)), exc
+        problems = all_gather_object(problem, env)
+        failed = [f"rank {r}: {p[1]}" for r, p in enumerate(problems) if p and p[0] == "error"]
+        if failed:
+            _warn_skipped(env, out_dir, skipped, None)
+            raise own or CheckpointError(f"reading {candidate.folder} failed on {'; '.join(failed)}")
+        reasons = [p[1] + (f" (rank {r})" if r else "") for r, p in enumerate(problems) if p]
+        if not reasons:
+            _warn_skipped(env, out_dir, skipped, candidate.folder)
+            return Loaded(candidate.folder, candidate.manifest, state)
+        skipped.append((candidate.folder, "; ".join(dict.fromkeys(reasons))))
+    _warn_skipped(env, out_dir, skipped, None)
     return None
 
 
-def prune(out_dir, keep_last: int, keep=()) -> None:
+def prune(
+    out_dir: str | os.PathLike, keep_last: int, keep: Iterable[str | os.PathLike | None] = ()
+) -> list[Path]:
+    """Delete the step folders older than the newest ``keep_last``, sparing ``keep`` and the newest intact one.
+
+    Call it on one process, after a new checkpoint is complete. "Intact" is the cheap check of
+    :func:`candidates`; the folder just written was hashed as it was written. Returns the folders deleted.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> for step in (1, 2, 3):
+        ...     _ = write(out, step, DistEnv(), lambda p: None, identity={})
+        >>> [p.name for p in prune(out, keep_last=1, keep=[step_folder(out, 1)])]
+        ['step-00000002']
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
     spared = {Path(p).name for p in keep if p is not None}
-    for folder in candidates(out_dir)[keep_last:]:
-        if folder.name not in spared:
-            shutil.rmtree(folder, ignore_errors=True)
+    folders = step_folders(out_dir)
+    newest = next((folder for step, folder in folders if _intact(folder, step)), None)
+    doomed = [folder for _, folder in folders[keep_last:] if folder.name not in spared and folder != newest]
+    for folder in doomed:
+        remove(folder)
+    return doomed
 
 
-class OutDirLock:
-    def __init__(self, out_dir) -> None:
-        self.out_dir = out_dir
+# --- helpers -------------------------------------------------------------------------------------------------
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        return None
+def _publish(temp: Path, final: Path, manifest: Manifest) -> None:
+    """Manifest last, fsync, rename; an existing ``final`` is set aside first so a crash keeps one of the two."""
+    text, written = manifest.to_json(), sum(r.size for r in manifest.files.values())
+    with (
+        disk_full_guard(final, f"writing {MANIFEST}", written + len(text), written),
+        open(temp / MANIFEST, "w") as f,
+    ):
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(temp)
+    aside = final.with_name(unique_name(ASIDE_PREFIX, final.name)) if final.exists() else None
+    if aside:
+        os.rename(final, aside)
+    try:
+        os.rename(temp, final)
+    except OSError:
+        if aside:
+            os.rename(aside, final)
+        raise
+    fsync_dir(final.parent)
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _disagreement(gathered: list[tuple[dict[str, FileRecord], str | None]]) -> str | None:
+    """Why the ranks' results cannot form one checkpoint (every rank computes the same answer), or None."""
+    problems = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error]
+    owners: dict[str, list[int]] = {}
+    for rank, (records, _) in enumerate(gathered):
+        for name in records:
+            owners.setdefault(name, []).append(rank)
+    problems += [
+        f"{n!r} was written by ranks {r} (one rank per file)" for n, r in owners.items() if len(r) > 1
+    ]
+    return "; ".join(problems) or None
+
+
+def _check_visible(folder: Path, files: Mapping[str, FileRecord]) -> None:
+    for name, record in files.items():
+        path = folder / name
+        seen = f"{path.stat().st_size} bytes" if path.is_file() else "no such file"
+        if seen != f"{record.size} bytes":
+            raise CheckpointError(
+                f"rank {record.rank} wrote {name} ({record.size} bytes) but rank 0 sees {seen} in {folder}: "
+                "out_dir must be on a filesystem every rank shares"
+            )
+
+
+def _check(folder: Path, name: str, record: FileRecord, size: int, sha256: str) -> None:
+    """Raise CorruptCheckpoint if the bytes read differ from the record (a wrong size is the clearer reason)."""
+    if size != record.size:
+        raise CorruptCheckpoint(folder, name, size_reason(size, record.size))
+    if sha256 != record.sha256:
+        raise CorruptCheckpoint(folder, name, "sha256 mismatch (the file changed after it was written)")
+
+
+def _intact(folder: Path, step: int) -> bool:
+    try:
+        inspect(folder, step)
+    except CorruptCheckpoint:
+        return False
+    return True
+
+
+def _warn_skipped(env: DistEnv, out_dir: Any, skipped: list[tuple[Path, str]], resumed: Path | None) -> None:
+    """Rank 0 warns about every damaged checkpoint newer than the one resumed (all of them if none was)."""
+    if not env.is_main:
+        return
+    after = f"resuming from {resumed.name}" if resumed else "no older intact checkpoint"
+    for folder, reason in sorted(skipped, key=lambda item: step_of(item[0]), reverse=True):
+        if resumed is None or step_of(folder) > step_of(resumed):
+            logger.warning("skipping %s: %s; %s", _shown(out_dir, folder), reason, after)
+
+
+def _plain_json(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict of plain JSON values, got {type(value).__name__}")
+    try:
+        back = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts with str keys): {exc}"
+        ) from None
+    if back != value:
+        raise TypeError(
+            f"{what} must read back from JSON unchanged, but {dict(value)!r} reads back as {back!r}: use lists "
+            "instead of tuples, and str keys"
+        )
+    return back
+
+
+def _versions() -> dict[str, str]:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    found = {
+        name: version(dist)
+        for name, dist in [("hf_loop", "hf-loop"), ("transformers",) * 2, ("datasets",) * 2]
+    }
+    return {**found, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _shown(out_dir: Any, folder: Path) -> str:
+    return f"checkpoints/{folder.name}" if folder.parent == Path(out_dir) / "checkpoints" else str(folder)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
