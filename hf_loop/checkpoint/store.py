@@ -51,6 +51,8 @@ from hf_loop.errors import CheckpointError
 
 logger = logging.getLogger("hf_loop")
 
+LARGE = 1 << 20  # files at least this large are hashed while read, then mapped rather than read again
+
 
 class Loaded(NamedTuple):
     """What :func:`load_newest` found: the folder, its manifest, and what ``read_fn`` returned."""
@@ -164,7 +166,11 @@ def candidates(out_dir: str | os.PathLike) -> list[Candidate]:
 def read(
     folder: str | os.PathLike, name: str, *, manifest: Manifest | None = None, map_location: Any = "cpu"
 ) -> Any:
-    """Read ``name`` once, check its size and sha256 against the manifest, then unpickle it (weights_only).
+    """Check ``name``'s size and sha256 against the manifest, then unpickle it (weights_only).
+
+    A small file is read once into memory, checked and unpickled from there. A large one is hashed in one read
+    that overlaps hashing with reading, then mapped (``torch.load(mmap=True)``): its tensors are views of the
+    file just verified (checkpoint files are never written again), so it is not read a second time.
 
     Raises:
         CorruptCheckpoint: missing manifest or file, wrong size or checksum, or a payload weights_only refuses.
@@ -176,16 +182,22 @@ def read(
     if record is None:
         listed = sorted(manifest.files)
         raise CheckpointError(f"checkpoint {folder} has no file {name!r}; its manifest lists {listed}")
+    large = record.size >= LARGE
     try:
-        with open(folder / name, "rb") as f:
-            data = f.read(record.size + 1)
+        if large:
+            size, digest = hash_file(folder / name)
+        else:
+            with open(folder / name, "rb") as f:
+                data = f.read(record.size + 1)
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
     except FileNotFoundError:
         raise CorruptCheckpoint(folder, name, "missing") from None
     except OSError as exc:
         raise CorruptCheckpoint(folder, name, f"cannot be read ({exc.strerror})") from None
-    _check(folder, name, record, len(data), hashlib.sha256(data).hexdigest())
+    _check(folder, name, record, size, digest)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        source = folder / name if large else io.BytesIO(data)
+        return torch.load(source, map_location=map_location, weights_only=True, mmap=large)
     except pickle.UnpicklingError as exc:
         reason = "holds pickled objects other than tensors and plain values, refused by weights_only"
         raise CorruptCheckpoint(folder, name, f"{reason} ({_describe(exc)})") from None
