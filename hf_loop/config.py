@@ -66,6 +66,7 @@ class TrainConfig:
     model_inputs: Sequence[str] | None = None
     export: bool = True
     resume_allow: Sequence[str] = ()
+    async_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum", "log_every", "keep_last"):
@@ -102,7 +103,7 @@ class TrainConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"TrainConfig.seed must be an int, got {self.seed!r}")
         for name in ("compile", "progress", "greater_is_better", "ddp_find_unused_parameters",
-                     "ddp_static_graph", "export"):  # fmt: skip
+                     "ddp_static_graph", "export", "async_checkpoint"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_every is not None and self.out_dir is None:

@@ -196,6 +196,22 @@ def save_sharded(state: dict[str, Any], folder: Path) -> None:
     dcp.save(state, checkpoint_id=str(folder))
 
 
+def save_sharded_async(state: dict[str, Any], folder: Path, group: Any) -> Any:
+    """Like :func:`save_sharded`, in the background: DCP copies ``state`` to CPU memory first (training may
+    change the tensors meanwhile), then writes on a thread, coordinating over ``group`` (a gloo group of its
+    own, so its collectives never interleave with training's). Returns a future; ``.result()`` waits."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.async_save(state, checkpoint_id=str(folder), process_group=group)
+
+
+def background_group() -> Any:
+    """A new gloo process group for background checkpoint writes (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
 def load_sharded(state: dict[str, Any], folder: Path) -> None:
     """Fill ``state`` (a template of the right shapes and shards) in place from a Distributed Checkpoint; it
     reshards whatever world size wrote it."""

@@ -281,7 +281,8 @@ def train(
                 if state.stop_reason is None:  # the epoch ended on a skipped (non-finite) step
                     state.epoch = epoch + 1
 
-            # -- teardown: the final model, for from_pretrained
+            # -- teardown: the last checkpoint complete on disk, and the final model, for from_pretrained
+            checkpoints.wait()
             if state.stop_reason in ("completed", "early_stopping") and state.step > start:
                 _export(raw, config, env)
         finally:

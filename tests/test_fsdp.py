@@ -23,7 +23,7 @@ def numpy(weights: dict[str, torch.Tensor]) -> dict:
 
 
 def lm_run(env: hl.DistEnv, *, shard: bool, batch_size: int, max_steps: int, grad_accum: int = 1,
-           out_dir: str | None = None, export: bool = False, recompute: bool = False) -> tuple[dict, list[float]]:  # fmt: skip
+           recompute: bool = False, **options) -> tuple[dict, list[float]]:  # fmt: skip
     """Causal LM steps on a sequential order: the global batch is world size x batch_size x grad_accum."""
     model = tiny_llama()
     if shard:
@@ -31,7 +31,7 @@ def lm_run(env: hl.DistEnv, *, shard: bool, batch_size: int, max_steps: int, gra
     loader = hl.make_loader(lm_dataset(ROWS), batch_size=batch_size, sampler="sequential", env=env)
     norms: list[float] = []
     config = hl.TrainConfig(max_steps=max_steps, grad_accum=grad_accum, max_grad_norm=0.5, log_every=1,
-                            progress=False, out_dir=out_dir, export=export)  # fmt: skip
+                            progress=False, **{"export": False, **options})  # fmt: skip
     hl.train(model, loader, torch.optim.AdamW(model.parameters(), lr=1e-3), config, env=env,
              on_log=lambda record: norms.append(record["grad_norm"]))  # fmt: skip
     return numpy(gathered(model)), norms
@@ -72,6 +72,8 @@ def _two_ranks(env: hl.DistEnv, dirs: dict[str, str]) -> dict:
         out[f"ddp{accum}"] = lm_run(env, shard=False, batch_size=2 // accum, grad_accum=accum, max_steps=3)
         out[f"fsdp{accum}"] = lm_run(env, shard=True, batch_size=2 // accum, grad_accum=accum, max_steps=3)
     out["recompute"] = lm_run(env, shard=True, batch_size=2, max_steps=3, recompute=True)
+    out["async"] = lm_run(env, shard=True, batch_size=2, max_steps=3, out_dir=dirs["async"], checkpoint_every=1,
+                          async_checkpoint=True)  # fmt: skip
     lm_run(env, shard=True, batch_size=2, max_steps=2, out_dir=dirs["w21"])  # then one process goes on
     out["w12"] = lm_run(env, shard=True, batch_size=2, max_steps=4, out_dir=dirs["w12"])  # resumes 1 process
     out["export"] = lm_run(env, shard=True, batch_size=2, max_steps=2, out_dir=dirs["export"], export=True)[0]
@@ -82,7 +84,7 @@ def _two_ranks(env: hl.DistEnv, dirs: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("w21", "w12", "export")}
+    dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("w21", "w12", "export", "async")}
     single = hl.DistEnv()
     reference = lm_run(single, shard=False, batch_size=4, max_steps=3)
     lm_run(single, shard=True, batch_size=4, max_steps=2, out_dir=dirs["w12"])  # hl.shard: a no-op here
@@ -117,6 +119,22 @@ def test_activation_checkpointing_trains_the_same(runs):
     recomputed, norms = runs["ranks"][0]["recompute"]
     plain, plain_norms = runs["ranks"][0]["fsdp1"]
     assert max_diff(recomputed, plain) <= 1e-6 and norms == pytest.approx(plain_norms, rel=1e-6)
+
+
+def test_async_checkpoints_are_complete_and_hold_the_weights_of_their_step(runs):
+    from transformers import LlamaForCausalLM
+
+    from hf_loop.checkpoint import verify
+    from hf_loop.fsdp import load_sharded
+
+    weights, norms = runs["ranks"][0]["async"]
+    assert max_diff(weights, runs["ranks"][0]["fsdp1"][0]) == 0.0  # writing in the background changed nothing
+    folders = [step_folder(runs["dirs"]["async"], step) for step in (2, 3)]  # keep_last=2
+    assert all(verify(folder).step == step for folder, step in zip(folders, (2, 3)))
+    plain = LlamaForCausalLM(tiny_llama().config)
+    state = {"model": plain.state_dict()}
+    load_sharded(state, folders[-1] / "dcp")
+    assert max_diff(numpy(state["model"]), weights) == 0.0  # the last one, completed at exit, holds step 3
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process(runs):

@@ -26,7 +26,16 @@ from hf_loop.checkpoint.layout import Manifest, step_folder
 from hf_loop.checkpoint.lock import OutDirLock
 from hf_loop.dist import DistEnv
 from hf_loop.errors import CheckpointError
-from hf_loop.fsdp import is_sharded, load_sharded, load_state_dicts, save_sharded, sharded_files, state_dicts
+from hf_loop.fsdp import (
+    background_group,
+    is_sharded,
+    load_sharded,
+    load_state_dicts,
+    save_sharded,
+    save_sharded_async,
+    sharded_files,
+    state_dicts,
+)
 
 logger = logging.getLogger("hf_loop")
 
@@ -66,6 +75,8 @@ class Checkpointer:
         self.finite = finite
         self.path: Path | None = None  # the newest checkpoint of this run (written or resumed from)
         self.fresh_optimizer = False
+        self._writing: tuple[store.Begun, Any] | None = None  # a checkpoint written in the background
+        self._group: Any = None  # the gloo group background writes coordinate over
         self.resumed_from: Path | None = None
         self.saved_step = -1
 
@@ -170,41 +181,78 @@ class Checkpointer:
                 f"so the newest one ({self.path}) stays usable. Lower the learning rate, or set "
                 "TrainConfig(max_bad_steps=N) to skip such steps"
             )
+        self.wait()  # a checkpoint still being written in the background completes first
         train_state = self.states["train_state"]
         train_state.position = self.states["loader"].position()
-        self.path = store.write(
-            self.config.out_dir, step, self.env, self._fill, identity=self.identity,
-            extra={"train_state": train_state.state_dict()},
-        )  # fmt: skip
+        begun = store.begin(self.config.out_dir, step, self.env, identity=self.identity,
+                            extra={"train_state": train_state.state_dict()})  # fmt: skip
+        failure, background = begun.problem, None
+        if failure is None:
+            try:
+                background = self._fill(begun.pending)
+            except (
+                BaseException
+            ) as exc:  # every rank must reach publish's agreement, or the others would hang
+                failure = exc
         self.saved_step = step
+        if background is not None:
+            self._writing = (begun, background)
+            return begun.final
+        return self._publish(begun, failure)
+
+    def wait(self) -> None:
+        """Complete the checkpoint being written in the background, if any (every rank calls it)."""
+        if self._writing is None:
+            return
+        (begun, background), self._writing = self._writing, None
+        failure = None
+        try:
+            background.result()
+            self._register_sharded(begun.pending)
+        except BaseException as exc:
+            failure = exc
+        self._publish(begun, failure)
+
+    def _publish(self, begun: store.Begun, failure: BaseException | None) -> Path:
+        self.path = store.publish(begun, self.env, failure)
         if self.env.is_main:
-            best = train_state.best_step
+            best = self.states["train_state"].best_step
             keep = [step_folder(self.config.out_dir, best)] if best is not None else []
             store.prune(self.config.out_dir, self.config.keep_last, keep=keep)
         return self.path
 
-    def _fill(self, pending: Any) -> None:
+    def _fill(self, pending: Any) -> Any:
+        """Write this rank's files; returns the future of a background write, or None."""
         states = self.states
-        self._save_weights(pending)
+        background = self._save_weights(pending)
         if self.env.is_main:
             train = {k: states[k].state_dict() if states.get(k) is not None else None for k in TRAIN_KEYS}
             pending.save(TRAIN_FILE, {**train, "config": self.config.fingerprint()})
         pending.save(rank_file(self.env.rank), {k: states[k].state_dict() for k in PER_RANK})
+        return background
 
     # -- model and optimizer: one state-dict format for plain, DDP and sharded models ------------------------
 
-    def _save_weights(self, pending: Any) -> None:
+    def _save_weights(self, pending: Any) -> Any:
         model, optimizer = self.states["model"], self.states["optimizer"]
         if not is_sharded(model):
             if self.env.is_main:
                 model_state, optim_state = state_dicts(model, optimizer, full=False)
                 pending.save(WEIGHTS["model"], model_state)
                 pending.save(WEIGHTS["optimizer"], optim_state)
-            return
+            return None
         model_state, optim_state = state_dicts(model, optimizer, full=False)
-        folder = pending.folder / SHARDED
-        save_sharded({"model": model_state, "optimizer": optim_state}, folder)
-        for path in sharded_files(folder, self.env.rank):  # each rank hashes the files it wrote
+        state, folder = {"model": model_state, "optimizer": optim_state}, pending.folder / SHARDED
+        if self.config.async_checkpoint:
+            if self._group is None:
+                self._group = background_group()
+            return save_sharded_async(state, folder, self._group)
+        save_sharded(state, folder)
+        self._register_sharded(pending)
+        return None
+
+    def _register_sharded(self, pending: Any) -> None:
+        for path in sharded_files(pending.folder / SHARDED, self.env.rank):  # each rank hashes what it wrote
             pending.add(f"{SHARDED}/{path.name}")
 
     def _load_weights(self, loaded: Mapping[str, Any]) -> None:

@@ -62,6 +62,16 @@ class Loaded(NamedTuple):
     state: Any
 
 
+class Begun(NamedTuple):
+    """A checkpoint between :func:`begin` and :func:`publish`: its final folder, this rank's pending part,
+    (on rank 0) the manifest to complete, and why this rank cannot write into it (None: it can)."""
+
+    final: Path
+    pending: PendingCheckpoint
+    manifest: Manifest | None
+    problem: CheckpointError | None
+
+
 def write(
     out_dir: str | os.PathLike,
     step: int,
@@ -77,7 +87,8 @@ def write(
     rank's files, writes the manifest, fsyncs and renames the folder to ``step_folder(out_dir, step)``. A folder
     already there (a rerun reaching the same step) is set aside first and deleted after, so a crash in between
     keeps one of the two. If any rank fails, every rank raises, the temporary folder is removed and nothing is
-    renamed. Call :func:`prune` after it, not before.
+    renamed. Call :func:`prune` after it, not before. (:func:`begin` and :func:`publish` are its two halves, for
+    files written in the background.)
 
     Args:
         identity: plain JSON values describing the run (what a resume must match); rank 0's is recorded.
@@ -94,8 +105,29 @@ def write(
         >>> folder.name, read(folder, "model.pt")
         ('step-00000003', {'w': tensor([1., 1.])})
     """
+    begun = begin(out_dir, step, env, identity=identity, extra=extra)
+    failure = begun.problem
+    if failure is None:
+        try:
+            fill(begun.pending)
+        except (
+            BaseException
+        ) as exc:  # every rank must reach the agreement in publish, or the others would hang
+            failure = exc
+    return publish(begun, env, failure)
+
+
+def begin(
+    out_dir: str | os.PathLike,
+    step: int,
+    env: DistEnv,
+    *,
+    identity: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Begun:
+    """The first half of :func:`write`: rank 0 creates the temporary folder every rank then writes into."""
     final = step_folder(out_dir, step)
-    temp, problem, own = None, None, None
+    temp, manifest, problem, own = None, None, None, None
     if env.is_main:  # rank 0 picks the temporary name, so every rank writes into the same folder
         try:
             plain = {
@@ -111,16 +143,24 @@ def write(
     temp_name, problem = broadcast_object((temp.name if temp else None, problem), env)
     if problem:
         raise own if own is not None else CheckpointError(f"{final.name} was not written: {problem}")
-
     pending = PendingCheckpoint(final.with_name(temp_name), step=step, rank=env.rank, out_dir=Path(out_dir))
+    unseen = None
+    if not pending.folder.is_dir():  # raised in publish, after the ranks agree (raising here would hang them)
+        unseen = CheckpointError(
+            f"rank {env.rank} cannot see {pending.folder}, created by rank 0: out_dir must be on a filesystem "
+            "every rank shares"
+        )
+    return Begun(final, pending, manifest, unseen)
+
+
+def publish(begun: Begun, env: DistEnv, failure: BaseException | None = None) -> Path:
+    """The second half of :func:`write`, once every rank's files are in ``begun.pending.folder`` (``failure``:
+    what went wrong on this rank meanwhile): the ranks agree, rank 0 writes the manifest and renames."""
+    final, pending, manifest, _ = begun
+    own = failure
     try:
-        if not pending.folder.is_dir():
-            raise CheckpointError(
-                f"rank {env.rank} cannot see {pending.folder}, created by rank 0: out_dir must be on a "
-                "filesystem every rank shares"
-            )
-        fill(pending)
-        pending.sync_folders()
+        if own is None:
+            pending.sync_folders()
     except BaseException as exc:  # every rank must reach the agreement below, or the others would hang
         own = exc
     gathered = all_gather_object((pending.records, None if own is None else _describe(own)), env)
