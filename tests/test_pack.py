@@ -69,8 +69,12 @@ def test_errors_name_the_problem():
         )
     with pytest.raises(ValueError, match="builds position_ids itself"):
         hl.PackCollator()([{"input_ids": [1], "position_ids": [0]}])
-    with pytest.raises(ValueError, match="max_length must be a positive int"):
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         hl.PackCollator(max_length=0)
+    with pytest.raises(TypeError, match="truncate must be True or False, got str 'False'"):
+        hl.PackCollator(truncate="False")
+    with pytest.raises(TypeError, match="pad_value must be an int, got float 0.0"):
+        hl.PackCollator(pad_value=0.0)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
