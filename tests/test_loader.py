@@ -20,7 +20,11 @@ def tokenized(n: int = N) -> Dataset:
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 40, size=n)
     return Dataset.from_dict(
-        {"input_ids": [list(range(1, int(k) + 1)) for k in lengths], "label": [i % 3 for i in range(n)]}
+        {
+            "input_ids": [list(range(1, int(k) + 1)) for k in lengths],
+            "label": [i % 3 for i in range(n)],
+            "row": list(range(n)),  # the data's own row id: what a batch really holds
+        }
     )
 
 
@@ -43,8 +47,13 @@ def build(strategy: str, *, num_workers: int = 0, env: hl.DistEnv | None = None,
     )
 
 
-def indices(batches) -> list[list[int]]:
-    return [b["_index"].tolist() for b in batches]
+def indices(loader: hl.Loader) -> list[list[int]]:
+    """The rows of each batch of one pass, read from the data and checked against ``loader.indexed()``."""
+    out = []
+    for rows, batch in loader.indexed():
+        assert batch["row"].tolist() == rows
+        out.append(rows)
+    return out
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

@@ -36,7 +36,7 @@ class PackCollator:
     for every sequence; ``labels`` are a copy of ``input_ids`` when the batch has none, and -100 at the first token
     of every sequence (so no sequence learns to predict another's start); ``cu_seq_lens_q``/``cu_seq_lens_k``
     (int32 boundaries over the flattened rows) and ``max_length_q``/``max_length_k`` for FlashAttention. Fields
-    aligned with ``input_ids`` (one value per token) are packed the same way; per-sequence fields (``_index``,
+    aligned with ``input_ids`` (one value per token) are packed the same way; per-sequence fields (ids,
     scalars, strings) are listed in packed order. An all-ones ``attention_mask`` is dropped.
 
     transformers keeps packed sequences apart by ``position_ids`` only when no attention mask is passed and no

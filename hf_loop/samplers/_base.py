@@ -119,6 +119,17 @@ class Sampler(TorchSampler, ABC):
     def __len__(self) -> int:
         return self._epoch_size(self.epoch)
 
+    def remaining(self, epoch: int | None = None, start: int | None = None) -> int:
+        """Items an iteration from ``start`` of ``epoch`` yields (default: the current epoch and start).
+
+        Example:
+            >>> from hf_loop.samplers import RandomSampler
+            >>> RandomSampler(10).remaining(start=4)
+            6
+        """
+        epoch = self.epoch if epoch is None else epoch
+        return max(self._epoch_size(epoch) - (self.start if start is None else start), 0)
+
     def items(self) -> np.ndarray | list[np.ndarray]:
         """What the next ``__iter__`` yields, at once: an index array (or a list of batch arrays)."""
         return self.order(self.epoch)[self.start :]

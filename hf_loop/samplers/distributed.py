@@ -105,6 +105,11 @@ class DistributedSampler(Sampler):
     def __len__(self) -> int:
         return self._share(self._epoch_size(self.epoch))
 
+    def remaining(self, epoch: int | None = None, start: int | None = None) -> int:
+        """Items THIS rank yields from the global position ``start`` of ``epoch`` (default: current)."""
+        epoch = self.epoch if epoch is None else epoch
+        return self._share(max(self._epoch_size(epoch) - (self.start if start is None else start), 0))
+
     def identity(self) -> dict[str, Any]:
         return {"kind": "DistributedSampler", "n": self.n, "seed": self.seed, "inner": self.inner.identity()}
 
