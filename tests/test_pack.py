@@ -148,9 +148,9 @@ def test_packs_arrow_batches_from_map_dataset():
     from datasets import Dataset
 
     ds = Dataset.from_dict(
-        {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]]}
+        {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]], "row": [0, 1, 2]}
     )
     out = hl.PackCollator()(hl.MapDataset(ds).__getitems__([2, 0]))
     assert out["input_ids"].tolist() == [[9, 10, 5, 6, 7]]
     assert out["labels"].tolist() == [[-100, 10, -100, 6, 7]]
-    assert out["_index"].tolist() == [2, 0] and "attention_mask" not in out
+    assert out["row"].tolist() == [2, 0] and "attention_mask" not in out

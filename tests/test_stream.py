@@ -123,7 +123,8 @@ def test_plan_is_readable_and_splits_by_rows_when_counts_are_known(shard_sets):
     ]
     text = str(plan)
     assert "2 rank(s) x 2 reader(s) over 3 shards, split by rows" in text
-    assert "rank 1 worker 1: 1 piece(s) [2[7:13]], 6 examples" in text
+    assert "rank 0 worker 1: 2 shard(s) [1[3:8], 2[0:1]], 6 examples" in text
+    assert "rank 1 worker 1: 1 shard(s) [2[7:13]], 6 examples" in text
     assert "under even_steps (batch 4): 0 example(s) left unread per epoch" in text
     unsized = hl.StreamDataset(unsized_stream(shard_sets[3]))
     whole = unsized.plan(num_workers=1, world_size=2)
@@ -424,5 +425,5 @@ def test_plan_counts_examples_of_a_hub_layout_folder(hub_folder):
     # A Hub-layout folder loads through a renamed subclass of datasets' Parquet builder: counts must still show.
     stream = hl.StreamDataset(hl.load(str(hub_folder), split="train", streaming=True))
     text = str(stream.plan(num_workers=1, world_size=2))
-    assert "rank 0 worker 0: 1 piece(s) [0], 30 examples" in text
-    assert "rank 1 worker 0: 1 piece(s) [1], 30 examples" in text
+    assert "rank 0 worker 0: 1 shard(s) [0], 30 examples" in text
+    assert "rank 1 worker 0: 1 shard(s) [1], 30 examples" in text

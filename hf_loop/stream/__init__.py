@@ -179,7 +179,8 @@ class StreamDataset(IterableDataset):
         drop_last: bool = False,
     ) -> StreamPlan | MixPlan:
         """Which reader (rank, worker) reads which rows, and how many examples where the counts are known (a
-        :class:`MixPlan`, one plan per source, for mixed streams). With ``batch_size``, the plan also says how
+        :class:`MixPlan`, one plan per source, for mixed streams). A reader that would get no data is a
+        DataError here already, as in ``bind``. With ``batch_size``, the plan also says how
         many examples ``even_steps`` (and ``hl.train``) will leave unread per epoch when the ranks stop together.
 
         Example:
@@ -190,7 +191,9 @@ class StreamDataset(IterableDataset):
               under even_steps (batch 8): 0 example(s) left unread per epoch
         """
         plans = [plan for _, plan in self._plans(world_size, num_workers, epoch, batch_size, drop_last)]
-        return plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
+        plan = plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
+        check_no_idle(plan)
+        return plan
 
     def _plans(
         self,

@@ -168,10 +168,17 @@ def expected_unread(rank_examples: list[int | None], batch_size: int | None, dro
 
 @dataclass(frozen=True)
 class ReaderPlan:
+    """One reader's share: the shards it opens, how many examples (None: unknown), and its pieces in order."""
+
     rank: int
     worker: int
-    pieces: list[Piece]
+    shards: list[int]
     examples: int | None
+    pieces: list[Piece] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rank: int, worker: int, pieces: list[Piece], examples: int | None) -> ReaderPlan:
+        return cls(rank, worker, list(dict.fromkeys(p.unit for p in pieces)), examples, pieces)
 
 
 def _rank_examples(readers: list[ReaderPlan], world_size: int) -> list[int | None]:
@@ -230,7 +237,7 @@ class StreamPlan:
             who = f"rank {r.rank} worker {r.worker}" if self.num_workers else f"rank {r.rank} (main process)"
             count = "? examples" if r.examples is None else f"{r.examples} examples"
             shown = [str(p) for p in r.pieces[:12]] + (["..."] if len(r.pieces) > 12 else [])
-            lines.append(f"  {who}: {len(r.pieces)} piece(s) [{', '.join(shown)}], {count}")
+            lines.append(f"  {who}: {len(r.shards)} shard(s) [{', '.join(shown)}], {count}")
         return "\n".join(lines + _unread_line(self))
 
 
@@ -249,7 +256,7 @@ class MixPlan:
             counts = [r.examples for r in parts]
             examples = None if None in counts else sum(counts)
             out.append(
-                ReaderPlan(parts[0].rank, parts[0].worker, [p for r in parts for p in r.pieces], examples)
+                ReaderPlan.of(parts[0].rank, parts[0].worker, [p for r in parts for p in r.pieces], examples)
             )
         return out
 
@@ -292,7 +299,7 @@ def build_plan(
     per_rank = max(num_workers, 1)
     pieces = assign(layout, seed, epoch, shuffle, source)
     readers = [
-        ReaderPlan(g // per_rank, g % per_rank, pieces[g], reader_examples(layout, pieces[g], g))
+        ReaderPlan.of(g // per_rank, g % per_rank, pieces[g], reader_examples(layout, pieces[g], g))
         for g in range(layout.readers)
     ]
     return StreamPlan(
