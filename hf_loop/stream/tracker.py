@@ -148,7 +148,7 @@ class StreamTracker:
             "a streamed dataset has no length: give the training loop max_steps (or count batches yourself)"
         )
 
-    def left(self) -> None:
+    def left(self, epoch: int | None = None) -> None:
         """Batches the next pass yields: unknown for a stream (None)."""
         return None
 
