@@ -327,9 +327,7 @@ def test_batches_left_counts_the_next_pass_without_reading_data(strategy, world_
     env = hl.DistEnv(rank=world_size - 1, world_size=world_size)
     loader = build(strategy, env=env)
     assert loader.batches_left() == len(loader) == len(indices(build(strategy, env=env)))
-    taken = 0
-    for _ in loader:
-        taken += 1
+    for taken, _ in enumerate(loader, 1):
         if taken == 3:
             break
     resumed = build(strategy, env=env)
