@@ -138,9 +138,9 @@ class MapBatches:
         """``(indices, rows, batch)`` for each collated batch of ``source``, which DataLoader (or the Loader's
         in-process fetch) produced from this batch sampler in order: the indices come from a second iteration
         over the same (epoch, start)."""
-        indices = iter(self)
+        groups = self._group()  # the batches' indices, without the rng keys the fetch needed
         for batch in source:
-            rows = next(indices)
+            _, rows = next(groups)
             yield rows, len(rows), batch
 
     def left(self, epoch: int | None = None) -> int:

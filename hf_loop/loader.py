@@ -116,8 +116,7 @@ class Loader(DataLoader):
             self.position.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        for _, batch in self._pass():
-            yield batch
+        return self._pass(keys=False)
 
     def indexed(self) -> Iterator[tuple[list[int], Any]]:
         """Iterate like ``for batch in loader``, yielding ``(dataset row indices, batch)`` pairs: the indices
@@ -131,9 +130,10 @@ class Loader(DataLoader):
         """
         if not self.position.has_indices:
             raise TypeError("a streamed dataset has no row indices; iterate the loader itself")
-        return self._pass()
+        return self._pass(keys=True)
 
-    def _pass(self) -> Iterator[tuple[Any, Any]]:
+    def _pass(self, keys: bool) -> Iterator[Any]:
+        """One pass: the batches, or ``(row indices, batch)`` pairs with ``keys``."""
         if self._pass_complete:
             self.set_epoch(self.epoch + 1)
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
@@ -143,7 +143,7 @@ class Loader(DataLoader):
             self.padding.update(batch)
             self._yielded += 1
             self.pass_rows += rows
-            yield key, batch
+            yield (key, batch) if keys else batch
         self._pass_complete = True
 
     def _fetches_in_process(self) -> bool:

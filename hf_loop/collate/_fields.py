@@ -280,14 +280,22 @@ def _too_large(name: str, value: Any) -> ValueError:
 
 
 def _fits_int64(name: str, field: Any) -> Any:
-    """``field``, after checking that unsigned 64-bit values fit the int64 tensors they become."""
-    arrays = [field.flat] if isinstance(field, _Ragged) else field.rows if isinstance(field, _Arrays) else []
-    if isinstance(field, _Stack):
-        arrays = [field.values]
+    """``field``, after checking that unsigned 64-bit values fit the int64 tensors they become (one dtype check
+    per field on the hot path)."""
+    kind = type(field)
+    if kind is _Ragged:
+        arrays: Any = (field.flat,)
+    elif kind is _Stack:
+        arrays = (field.values,)
+    elif kind is _Arrays:
+        arrays = field.rows
+    else:
+        return field
     for values in arrays:
-        if values.dtype == np.uint64 and values.size and values.max() > _INT64_MAX:
+        code = values.dtype.kind
+        if code == "u" and values.dtype.itemsize == 8 and values.size and values.max() > _INT64_MAX:
             raise _too_large(name, int(values.max()))
-        if values.dtype == object and values.size:  # Python ints beyond 64 bits, or mixed with huge ones
+        if code == "O" and values.size:  # Python ints beyond 64 bits, or mixed with huge ones
             raise _too_large(name, max(values.tolist(), key=lambda v: abs(int(v))))
     return field
 

@@ -161,12 +161,9 @@ class BoundStream(IterableDataset):
                 if self.batch_size and size < self.batch_size:
                     yield rows, Meta(local, epoch, Kind.TAIL, size)
                     continue
-                after = (
-                    ReaderPosition(w, begin, b + 1)
-                    if b + 1 < len(groups)
-                    else ReaderPosition(w + 1, following, 0)
-                )
-                yield rows, Meta(local, epoch, Kind.BATCH, size, after.flat())
+                # ReaderPosition(w, begin, b + 1).flat(), or the next window's start after the last batch
+                after = (w, *begin, b + 1) if b + 1 < len(groups) else (w + 1, *following, 0)
+                yield rows, Meta(local, epoch, Kind.BATCH, size, after)
 
     def _window_columns(self, table: pa.Table, rng: np.random.Generator | None) -> dict[str, Any]:
         """One window's columns: Arrow arrays, or the transform's output (called once for the window); renamed
@@ -182,7 +179,8 @@ class BoundStream(IterableDataset):
         return bt(batch, table.num_rows, rng)
 
     def _windows(self, reader: int, epoch: int, start: ReaderPosition) -> Iterator[tuple]:
-        """(window index, its rows, where it starts, where the next one starts) over this reader's stream.
+        """(window index, its rows, where it starts, where the next one starts) over this reader's stream; the
+        starts are the flat (piece index, row offset) pairs of every source.
 
         With several sources, each window takes from each source a share drawn from (seed, epoch, reader,
         window) with the sources' weights; a source that runs dry hands its share to the others."""
@@ -196,7 +194,7 @@ class BoundStream(IterableDataset):
         while True:
             for cursor in cursors:
                 cursor.probe()
-            begin = tuple(cursor.position for cursor in cursors)
+            begin = tuple(v for cursor in cursors for v in cursor.position)  # flat, as ReaderPosition.flat()
             if len(cursors) == 1:
                 tables = cursors[0].take(self.window)
             else:
@@ -204,7 +202,7 @@ class BoundStream(IterableDataset):
             rows = sum(t.num_rows for t in tables)
             if not rows:
                 return
-            following = tuple(cursor.position for cursor in cursors)
+            following = tuple(v for cursor in cursors for v in cursor.position)
             yield w, pa.concat_tables(tables, promote_options="default").combine_chunks(), begin, following
             if rows < self.window:
                 return
