@@ -187,9 +187,9 @@ class Loader(DataLoader):
         loop staged on the device are not counted. Holds only plain ints, lists and strings. Taken after the
         pass's last batch (even inside the ``for`` loop) it is the start of the next epoch.
         """
-        k = self._yielded if consumed is None else consumed
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k > self._yielded:
-            raise ValueError(f"consumed must be between 0 and the {self._yielded} batches yielded, got {k!r}")
+        k = self._yielded if consumed is None else integer("consumed", consumed)
+        if k < 0 or k > self._yielded:
+            raise ValueError(f"consumed must be between 0 and the {self._yielded} batches yielded, got {k}")
         return {"kind": self.position.kind, **self.position.state_dict(k)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -168,7 +168,7 @@ class BatchTransform:
         wanted = ["labels" if self.rename_label and c == "label" else c for c in self.columns]
         missing = [c for c in wanted if c not in batch]
         if missing:
-            stage = "after the transform" if self.transform is not None else "in the dataset"
+            stage = "after the transform" if self.transform is not None else "in the data"
             raise DataError(
                 f"columns={self.columns} asks for {missing}, which do not exist {stage}; available: "
                 f"{sorted(batch)}. Fix the names, or make the transform return them"

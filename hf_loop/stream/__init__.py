@@ -42,17 +42,17 @@ class StreamDataset(IterableDataset):
     footers, Arrow files) the epoch's rows are cut into one contiguous run per reader, so readers differ by at
     most one row and ranks stop together with at most a batch per reader unread; otherwise whole shards are
     dealt (split into parquet row groups when there are fewer shards than readers, or by example with
-    ``split_examples=True``). Order is deterministic:
-    the shard order and a permutation inside each window of ``shuffle_buffer`` examples come from
-    (seed, epoch, window), so a resume re-reads at most one window instead of replaying the epoch. (Parquet:
-    the seek starts at the row group holding the window, from the footers. Formats without footers — json,
-    csv, text — re-read the current shard up to the window.)
+    ``split_examples=True``). Order is deterministic: the shard order and a permutation inside each window of
+    ``shuffle_buffer`` examples come from (seed, epoch, window), so a resume re-reads at most one window instead
+    of replaying the epoch. (Parquet: the seek starts at the row group holding the window, from the footers.
+    Formats without footers — json, csv, text — re-read the current shard up to the window.)
 
     Mixing: ``StreamDataset([a, b], weights=[0.3, 0.7])`` keeps every guarantee above (each source has its own
-    shard plan and resumable position). ``a`` and ``b`` are HF streams or StreamDatasets; a StreamDataset
-    item contributes its stream(s), and the mix's transform, columns and shuffle are the outer ones (an item
-    built with other options is refused rather than silently ignored). ``datasets.interleave_datasets`` is refused: its random source choice
-    cannot be split exactly once over readers nor resumed. ``datasets.concatenate_datasets`` works too.
+    shard plan and resumable position). ``a`` and ``b`` are HF streams or StreamDatasets; a StreamDataset item
+    contributes its stream(s), and the mix's transform, columns and shuffle are the outer ones (an item built
+    with other options is refused rather than silently ignored). ``datasets.interleave_datasets`` is refused:
+    its random source choice cannot be split exactly once over readers nor resumed.
+    ``datasets.concatenate_datasets`` works too.
 
     Args:
         ds: the stream, e.g. ``datasets.load_dataset("parquet", data_files=..., streaming=True)["train"]``.
@@ -116,10 +116,7 @@ class StreamDataset(IterableDataset):
         self.ds = sources[0]
         self.weights = _check_weights(weights, sources)
         names = list(self.ds.features) if self.ds.features is not None else None
-        try:
-            self.read_columns = self.batch_transform.source_columns(names)
-        except DataError as err:
-            raise DataError(str(err).replace("in the dataset", "in the stream")) from None
+        self.read_columns = self.batch_transform.source_columns(names)
 
     @property
     def transform(self) -> Transform | None:

@@ -120,7 +120,7 @@ class BoundStream(IterableDataset):
 
     # --- the reader loop (runs in a DataLoader worker, or in the main process with num_workers=0) ---
 
-    def __iter__(self) -> Iterator[tuple[Any, tuple[int, ...]]]:
+    def __iter__(self) -> Iterator[tuple[Any, Meta]]:
         info = get_worker_info()
         workers = 0 if info is None else info.num_workers
         if workers != self.num_workers:
