@@ -307,3 +307,32 @@ def test_hub_folder_stream_with_a_tokenizing_transform(hub_folder, tokenizer):
     assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == expected
     list(plain)
     assert loader.padding.waste < plain.padding.waste - 0.1  # bucketed within each window of 24
+
+
+def test_resume_at_the_agreed_epoch_restarts_a_rank_that_still_had_data(tmp_path):
+    # The loop's rule under even_steps: a rank that ran dry saved "next epoch", a rank with data left saved a
+    # mid-epoch position; on resume every rank calls set_epoch(max of the saved epochs) and starts it fresh.
+    files = write_shards(tmp_path, [40, 4, 4])
+
+    def rank(r: int) -> hl.Loader:
+        stream = hl.StreamDataset(unsized_stream(files), seed=2)  # whole shards: 44 rows vs 4
+        return hl.make_loader(stream, batch_size=4, env=hl.DistEnv(rank=r, world_size=2))
+
+    loaders = [rank(0), rank(1)]
+    short = min(range(2), key=lambda r: len(ids(rank(r))))
+    steps = len(ids(rank(short)))
+    states = []
+    for loader in loaders:
+        for k, _ in enumerate(loader, 1):
+            if k == steps:  # the ranks stop together after the short rank's last batch
+                states.append(loader.state_dict())
+                break
+    assert states[short]["epoch"] == 1 and states[1 - short]["epoch"] == 0
+    agreed = max(state["epoch"] for state in states)
+    for r in range(2):
+        resumed = rank(r)
+        resumed.load_state_dict(states[r])
+        resumed.set_epoch(agreed)
+        fresh = rank(r)
+        fresh.set_epoch(agreed)
+        assert ids(resumed) == ids(fresh)  # epoch 1 from its start on both ranks
