@@ -123,12 +123,7 @@ def hl_loop(model, loader, steps: int) -> tuple[float, float]:
 def trainer_loop(model, data, steps: int, tmp: str) -> tuple[float, float]:
     from transformers import Trainer, TrainingArguments
 
-    pad = collator()
-
-    def collate(rows):  # the global index is hl bookkeeping; Trainer would pass it to the model
-        batch = pad(rows)
-        batch.pop(hl.INDEX_KEY, None)
-        return batch
+    collate = collator()
 
     args = TrainingArguments(
         output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=1e-4,

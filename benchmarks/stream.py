@@ -68,12 +68,8 @@ def count(loader) -> int:
 def hf_loop_loader(files: list[str], **stream_kw):
     max_tokens = stream_kw.pop("max_tokens", None)
     stream = hl.StreamDataset(stream_of(files), **stream_kw)
-    if max_tokens is None:
-        return hl.make_loader(stream, batch_size=BATCH, collate_fn=hl.PadCollator())
-    bound = stream.bind(max_tokens=max_tokens)  # make_loader's stream path takes batch_size only (see report)
-    loader = DataLoader(bound, batch_size=None, collate_fn=bound.wrap_collate(hl.PadCollator()))
-    tracker = bound.tracker()
-    return (b for b in tracker.iterate(iter(loader)))
+    size = {"batch_size": BATCH} if max_tokens is None else {"max_tokens": max_tokens}
+    return hl.make_loader(stream, collate_fn=hl.PadCollator(), **size)
 
 
 def cpu_rates(paths: dict, repeat: int) -> dict[str, float]:

@@ -8,9 +8,10 @@ Everything public is importable from the top level::
     loader = hl.make_loader(hl.MapDataset(ds, transform=tokenize), batch_size=32, sampler="length")
 """
 
+from hf_loop.adapters import to_torch
 from hf_loop.collate import PackCollator, PadCollator
 from hf_loop.config import TrainConfig, TrainResult
-from hf_loop.data import INDEX_KEY, Columns, MapDataset, to_torch
+from hf_loop.data import Columns, MapDataset
 from hf_loop.dist import DistEnv, even_steps, init_distributed, shutdown_distributed
 from hf_loop.errors import CheckpointError, DataError
 from hf_loop.evaluation import count_parameters, evaluate, predict
@@ -34,7 +35,6 @@ from hf_loop.stream import StreamDataset
 __version__ = "0.1.0"
 
 __all__ = [
-    "INDEX_KEY",
     "CheckpointError",
     "Columns",
     "DataError",

@@ -104,6 +104,12 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def process_group_size() -> int:
+    """World size of the initialised process group (one created by another tool, e.g. accelerate, included);
+    1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _device_for_collectives() -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
     if dist.get_backend() == "nccl":
@@ -167,9 +173,16 @@ class even_steps:  # noqa: N801 - used like a function: `for batch in hl.even_st
     """Iterate ``loader`` so that every rank runs the same number of steps.
 
     Before each step the ranks agree (all-reduce MIN of a "have a batch" flag) and all stop as soon as one runs
-    dry, so uneven streams cannot hang DDP. After the loop, ``steps``, ``leftover_batches`` and
-    ``leftover_examples`` (this rank's batch in hand when the others ran out) say what happened; rank 0 logs a
-    warning with the total over all ranks.
+    dry, so uneven streams cannot hang DDP. A rank that stops with data left reads the rest of its pass (without
+    yielding it) to count it exactly. After the loop:
+
+    - ``steps``: steps every rank ran;
+    - ``leftover_batches`` / ``leftover_examples``: this rank's batches and examples left unread this pass;
+    - ``unread_examples``: examples left unread this pass over ALL ranks (the same value on every rank), also
+      added to ``loader.unread_examples`` (the run's running total) when the loader is an ``hl.Loader``.
+
+    Rank 0 logs a warning when ``unread_examples`` > 0. A balanced stream plan (``stream.plan(...,
+    batch_size=...)`` shows the expected count) leaves at most about one batch per reader.
 
     Example:
         >>> for batch in even_steps(loader, env):       # doctest: +SKIP
@@ -182,30 +195,52 @@ class even_steps:  # noqa: N801 - used like a function: `for batch in hl.even_st
         self.steps = 0
         self.leftover_batches = 0
         self.leftover_examples = 0
+        self.unread_examples = 0
+        self._seen = 0
+
+    def _rows(self, batch: Any) -> int:
+        """Examples yielded so far this pass, ``batch`` included: the Loader counts them before collation
+        (packing changes the batch's shape); any other iterable by the batches' first dimension."""
+        counted = getattr(self.loader, "pass_rows", None)
+        if counted is not None:
+            return counted
+        self._seen += batch_size_of(batch)
+        return self._seen
 
     def __iter__(self) -> Iterator[Any]:
         iterator = iter(self.loader)
+        self._seen = used = 0
         while True:
             batch = next(iterator, _END)
             have = 0 if batch is _END else 1
             if int(all_reduce(have, self.env, op="min")) == 0:
                 if batch is not _END:
+                    total = self._rows(batch)
                     self.leftover_batches = 1
-                    self.leftover_examples = batch_size_of(batch)
+                    for rest in iterator:  # read the rest of this rank's pass, to count it exactly
+                        total = self._rows(rest)
+                        self.leftover_batches += 1
+                    self.leftover_examples = total - used
                 self._report()
                 return
+            used = self._rows(batch)
             self.steps += 1
             yield batch
 
     def _report(self) -> None:
-        total = all_reduce(torch.tensor([self.leftover_batches, self.leftover_examples]), self.env, op="sum")
-        if self.env.is_main and int(total[0]) > 0:
+        mine = [int(self.leftover_batches > 0), self.leftover_batches, self.leftover_examples]
+        ranks, batches, examples = all_reduce(torch.tensor(mine), self.env, op="sum").tolist()
+        self.unread_examples = int(examples)
+        if hasattr(self.loader, "unread_examples"):
+            self.loader.unread_examples += self.unread_examples
+        if self.env.is_main and ranks:
             logger.warning(
-                "even_steps: ranks stopped together after %d steps; %d rank(s) still had data "
-                "(%d examples in hand were not used this epoch)",
+                "even_steps: ranks stopped together after %d steps; %d rank(s) still had data: %d batch(es), "
+                "%d example(s) left unread this pass",
                 self.steps,
-                int(total[0]),
-                int(total[1]),
+                ranks,
+                batches,
+                self.unread_examples,
             )
 
 

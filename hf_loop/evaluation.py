@@ -1,34 +1,25 @@
 """Evaluation, prediction and the parameter table.
 
-Under DDP the distributed sampler pads each rank's share with duplicates so all ranks run the same number of
-batches. Every row therefore travels with its global dataset index (``_index``); rows are gathered from all ranks,
-duplicates dropped by index, and results returned in dataset order — metrics see exactly ``len(dataset)`` rows.
+Under DDP the ranks evaluate disjoint shares of the data without padding: a Loader's :meth:`~hf_loop.Loader.unpadded`
+twin gives every row to exactly one rank (ranks' shares differ by at most one batch), and its
+:meth:`~hf_loop.Loader.indexed` pairs carry each batch's dataset row indices from the batch sampler, outside the
+batch. The loss is the sum of the batches' loss sums over the sum of their target counts, over all ranks — exact;
+predictions and labels are gathered and put back in dataset order by those indices.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from hf_loop.data import INDEX_KEY
-from hf_loop.dist import DistEnv, all_gather_object, batch_size_of, default_device
+from hf_loop.dist import DistEnv, all_gather_object, all_reduce, batch_size_of, default_device
 from hf_loop.feed import staged
-from hf_loop.steps import (
-    IGNORE_INDEX,
-    ModelInputs,
-    autocast,
-    call_loss_fn,
-    count_targets,
-    loss_of,
-    unwrap,
-)
-
-logger = logging.getLogger("hf_loop")
+from hf_loop.loader import Loader
+from hf_loop.steps import ModelInputs, autocast, call_loss_fn, count_targets, loss_of, unwrap
 
 Reduce = str | Callable[[Any, Mapping[str, Any]], Any] | None
 
@@ -68,150 +59,131 @@ def _rows(value: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
     return list(value.unbind(0))
 
 
-def _example_losses(outputs: Any, batch: Mapping[str, Any], kind: str, problem: str | None):
-    """Per-example (loss sum, target count) for the standard heads, so duplicates can be removed exactly."""
-    logits, labels = _logits(outputs), batch.get("labels")
-    if logits is None or not isinstance(labels, torch.Tensor):
-        return None
-    logits = logits.float()
-    if kind == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    if kind in ("causal", "token") or (labels.dim() >= 2 and not labels.is_floating_point()):
-        if logits.shape[:-1] != labels.shape:
-            return None
-        per_token = F.cross_entropy(
-            logits.transpose(1, -1), labels.transpose(1, -1), ignore_index=IGNORE_INDEX, reduction="none"
+def _split(loader: Iterable, env: DistEnv, what: str) -> tuple[Iterator[tuple[Any, Any]], bool]:
+    """This rank's ``(row indices or None, batch)`` pairs, and whether rows carry dataset indices.
+
+    An hl.Loader over map-style data runs its unpadded twin (each row on exactly one rank); a stream loader
+    reads each example once by construction. Any other loader cannot be split safely over several ranks."""
+    if isinstance(loader, Loader) and loader.position.has_indices:
+        return loader.unpadded().indexed(), True
+    if env.world_size > 1 and not isinstance(loader, Loader):
+        raise ValueError(
+            f"distributed {what} needs an hl.Loader built with env= (hl.make_loader(..., env=env)): it splits "
+            f"the rows over the ranks without duplicates and restores dataset order; got {type(loader).__name__}"
         )
-        valid = labels != IGNORE_INDEX
-        return per_token.flatten(1).sum(1), valid.flatten(1).sum(1)
-    ones = torch.ones(labels.shape[0], device=labels.device)
-    if labels.is_floating_point() and problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1).mean(1), ones
-    if labels.is_floating_point():  # regression
-        return (logits.view(labels.shape[0], -1) - labels.view(labels.shape[0], -1)).pow(2).mean(1), ones
-    if logits.dim() == 2 and labels.dim() == 1:
-        return F.cross_entropy(logits, labels, reduction="none"), ones
-    return None
+    if env.world_size > 1 and what == "predict":
+        raise ValueError(
+            "distributed predict over a stream has no dataset order to restore; predict on one process, or "
+            "evaluate (which needs no order)"
+        )
+    return ((None, batch) for batch in loader), False
+
+
+@dataclass
+class _Collected:
+    """What one rank's pass produced: row keys, per-row predictions and labels, and the loss sum and count."""
+
+    rows: list[int] = field(default_factory=list)
+    pred: list[Any] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_count: float = 0.0
 
 
 def _run(
-    model, loader, env, *, loss_fn, reduce, keep_predictions, keep_labels, keep_loss, precision
-) -> dict[str, Any]:
-    """One pass over ``loader`` on this rank: global indices, per-row outputs and labels, and loss sums.
-
-    Rows stay on the CPU in the order this rank saw them; :func:`_gathered` merges the ranks.
-    """
+    model, loader, env, *, what, loss_fn, reduce, keep_predictions, keep_labels, keep_loss, precision
+) -> tuple[_Collected, bool]:
+    """One pass over this rank's share of ``loader``, one batch at a time; rows stay on the CPU in the order
+    this rank saw them. Returns what was collected and whether the rows are dataset indices."""
     raw = unwrap(model)
     inputs = ModelInputs(raw)
-    problem = getattr(getattr(raw, "config", None), "problem_type", None)
-    out: dict[str, Any] = {
-        "index": [],
-        "pred": [],
-        "labels": [],
-        "ex_loss": [],
-        "ex_count": [],
-        "batch_loss": 0.0,
-        "batch_count": 0.0,
-        "exact": True,
-        "has_index": True,
-    }
+    pairs, indexed = _split(loader, env, what)
+    keys: deque = deque()  # the row keys of the batches staged ahead
+
+    def batches() -> Iterator[Any]:
+        for rows, batch in pairs:
+            keys.append(rows)
+            yield batch
+
+    out = _Collected()
     was_training = raw.training
     raw.eval()
-    position = 0
     try:
         with torch.inference_mode():
-            for batch in staged(loader, env.device):
+            for batch in staged(batches(), env.device):
+                rows = keys.popleft()
                 with autocast(env.device, precision):
                     outputs = raw(**inputs.select(batch, training=False))
                 size = batch_size_of(batch)
-                index = batch.get(INDEX_KEY)
-                out["has_index"] &= isinstance(index, torch.Tensor)
-                index = (
-                    index.tolist()
-                    if isinstance(index, torch.Tensor)
-                    else list(range(position, position + size))
+                out.rows.extend(rows if rows is not None else range(len(out.rows), len(out.rows) + size))
+                _collect(
+                    out,
+                    outputs,
+                    batch,
+                    inputs.kind,
+                    size,
+                    loss_fn,
+                    reduce,
+                    keep_predictions,
+                    keep_labels,
+                    keep_loss,
                 )
-                position += size
-                out["index"].extend(index)
-                mask = batch.get("attention_mask")
-                if keep_predictions:
-                    value = _reduced(outputs, batch, reduce)
-                    if isinstance(value, Mapping):
-                        out["pred"].extend(
-                            dict(zip(value, r)) for r in zip(*(_rows(v, mask) for v in value.values()))
-                        )
-                    else:
-                        out["pred"].extend(_rows(value, mask))
-                if keep_labels:
-                    labels = batch.get("labels")
-                    if not isinstance(labels, torch.Tensor):
-                        raise ValueError(
-                            f"metrics compare predictions with 'labels', but an eval batch has none (keys: "
-                            f"{sorted(batch)}); add a 'labels' column to the eval data or drop metrics="
-                        )
-                    out["labels"].extend(_rows(labels, mask if labels.dim() >= 2 else None))
-                if keep_loss:
-                    _add_loss(out, outputs, batch, inputs.kind, problem, loss_fn, size)
     finally:
         raw.train(was_training)
-    return out
+    return out, indexed
 
 
-def _add_loss(out, outputs, batch, kind, problem, loss_fn, size: int) -> None:
-    """Add a batch's loss: per example when the head is a standard one (exact de-duplication), else per batch."""
+def _collect(
+    out: _Collected, outputs, batch, kind, size, loss_fn, reduce, keep_predictions, keep_labels, keep_loss
+) -> None:
+    """Add one batch's predictions, labels and loss (sum and target count) to ``out``."""
+    mask = batch.get("attention_mask")
+    if keep_predictions:
+        value = _reduced(outputs, batch, reduce)
+        if isinstance(value, Mapping):
+            out.pred.extend(dict(zip(value, r)) for r in zip(*(_rows(v, mask) for v in value.values())))
+        else:
+            out.pred.extend(_rows(value, mask))
+    if keep_labels:
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(
+                f"metrics compare predictions with 'labels', but an eval batch has none (keys: "
+                f"{sorted(batch)}); add a 'labels' column to the eval data or drop metrics="
+            )
+        out.labels.extend(_rows(labels, mask if labels.dim() >= 2 else None))
+    if not keep_loss:
+        return
+    count = None
     if loss_fn is not None:
         loss, count = call_loss_fn(loss_fn, outputs, batch)
-        n = (
-            count
-            if count is not None
-            else count_targets(batch.get("labels"), kind, size, torch.device("cpu"))
-        )
-        out["batch_loss"] += float(loss) * (1.0 if count is not None else float(n))
-        out["batch_count"] += float(n)
-        out["exact"] = False
-        return
-    loss = loss_of(outputs)
-    if loss is None:  # e.g. a batch without labels: the per-example rows would no longer line up
-        out["exact"] = False
-        return
-    per_example = _example_losses(outputs, batch, kind, problem) if out["exact"] else None
-    n = count_targets(batch.get("labels"), kind, size, torch.device("cpu"))
-    if per_example is not None:
-        sums, counts = per_example
-        # Trust the per-example split only while it reproduces the model's own loss (custom losses differ).
-        mean = sums.sum() / counts.sum().clamp(min=1)
-        if torch.allclose(mean.float(), loss.float(), rtol=1e-3, atol=1e-5):
-            out["ex_loss"].extend(sums.cpu().tolist())
-            out["ex_count"].extend(counts.cpu().tolist())
-            out["batch_loss"] += float(loss) * float(n)
-            out["batch_count"] += float(n)
+    else:
+        loss = loss_of(outputs)
+        if loss is None:  # e.g. a batch without labels
             return
-    out["exact"] = False
-    out["batch_loss"] += float(loss) * float(n)
-    out["batch_count"] += float(n)
+    if count is None:  # a mean over the batch's targets: weight it by their number
+        count = count_targets(batch.get("labels"), kind, size, loss.device)
+        loss = loss * count
+    out.loss_sum += float(loss)
+    out.loss_count += float(count)
 
 
-def _gathered(local: dict[str, Any], env: DistEnv, what: str) -> tuple[list[int], dict[int, int]]:
-    """Gather every rank's rows; return them concatenated and, per unique index, the first row holding it."""
-    if env.world_size > 1 and not local["has_index"]:
-        raise ValueError(
-            f"distributed {what} needs the '{INDEX_KEY}' column in every batch to remove the distributed sampler's "
-            "duplicates and restore dataset order; hl.MapDataset adds it (keep it in the collated batch)."
-        )
-    parts = all_gather_object(local, env)
-    merged: dict[str, list] = {
-        k: [x for p in parts for x in p[k]] for k in ("index", "pred", "labels", "ex_loss", "ex_count")
-    }
-    local.update(
-        merged,
-        batch_loss=sum(p["batch_loss"] for p in parts),
-        batch_count=sum(p["batch_count"] for p in parts),
-        exact=all(p["exact"] for p in parts),
+def _gathered(local: _Collected, indexed: bool, env: DistEnv) -> tuple[_Collected, list[int]]:
+    """Every rank's rows (rank order) and the order that sorts them by dataset index (the order seen on one
+    process for a loader without indices); the loss sums are all-reduced."""
+    totals = all_reduce(torch.tensor([local.loss_sum, local.loss_count], dtype=torch.float64), env)
+    parts = all_gather_object((local.rows, local.pred, local.labels), env)
+    merged = _Collected(
+        [r for p in parts for r in p[0]],
+        [x for p in parts for x in p[1]],
+        [x for p in parts for x in p[2]],
+        float(totals[0]),
+        float(totals[1]),
     )
-    first: dict[int, int] = {}
-    for row, index in enumerate(merged["index"]):
-        first.setdefault(index, row)
-    return merged["index"], first
+    order = list(range(len(merged.rows)))
+    if indexed:
+        order.sort(key=merged.rows.__getitem__)  # stable: repeated rows keep their order
+    return merged, order
 
 
 def _assemble(rows: list[Any]) -> Any:
@@ -234,9 +206,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss (mean over loss targets) and metrics over exactly the dataset's rows, under ``inference_mode``.
 
+    Under DDP each row is evaluated on exactly one rank (no padding duplicates), and the loss is the sum of every
+    batch's loss sum over the sum of their target counts, across ranks.
+
     Args:
         metrics: name -> ``fn(predictions, labels) -> float``; predictions come from ``reduce`` over the
-            outputs ("argmax" by default) in dataset order, padding duplicates removed.
+            outputs ("argmax" by default) in dataset order.
 
     Example:
         >>> acc = lambda p, y: (p == y).float().mean().item()
@@ -244,10 +219,11 @@ def evaluate(
         {'loss': 0.41, 'accuracy': 0.87, 'examples': 200}
     """
     env = env or DistEnv(device=default_device())
-    local = _run(
+    local, indexed = _run(
         model,
         loader,
         env,
+        what="evaluate",
         loss_fn=loss_fn,
         reduce=reduce,
         keep_predictions=bool(metrics),
@@ -255,25 +231,13 @@ def evaluate(
         keep_loss=True,
         precision=precision,
     )
-    indices, first = _gathered(local, env, "evaluate")
-    result: dict[str, float] = {"examples": float(len(first))}
-    duplicates = len(indices) - len(first)
-    if local["exact"] and local["ex_count"]:
-        rows = list(first.values())
-        total = sum(local["ex_count"][r] for r in rows)
-        result["loss"] = sum(local["ex_loss"][r] for r in rows) / max(total, 1)
-    elif local["batch_count"]:
-        result["loss"] = local["batch_loss"] / local["batch_count"]
-        if duplicates:
-            logger.warning(
-                "evaluate: the loss includes %d padding duplicates (a custom loss cannot be split per "
-                "example); metrics are exact",
-                duplicates,
-            )
+    merged, order = _gathered(local, indexed, env)
+    result: dict[str, float] = {"examples": float(len(merged.rows))}
+    if merged.loss_count:
+        result["loss"] = merged.loss_sum / merged.loss_count
     if metrics:
-        order = [first[i] for i in sorted(first)]
-        predictions = _assemble([local["pred"][r] for r in order])
-        labels = _assemble([local["labels"][r] for r in order]) if local["labels"] else None
+        predictions = _assemble([merged.pred[r] for r in order])
+        labels = _assemble([merged.labels[r] for r in order]) if merged.labels else None
         for name, fn in metrics.items():
             result[name] = float(fn(predictions, labels))
     return result
@@ -287,7 +251,7 @@ def predict(
     reduce: Reduce = None,
     precision: str = "fp32",
 ) -> Any:
-    """Model outputs for every row, in dataset order, padding removed, under ``inference_mode``.
+    """Model outputs for every row, in dataset order, under ``inference_mode`` (each row once, also under DDP).
 
     ``reduce`` is applied per batch on the device: ``"argmax"`` keeps token ids instead of N x L x V logits; a
     callable ``(outputs, batch) -> tensor | dict of tensors`` keeps anything else. Rows of equal shape are
@@ -298,10 +262,11 @@ def predict(
         tensor([2, 0, 1, ...])
     """
     env = env or DistEnv(device=default_device())
-    local = _run(
+    local, indexed = _run(
         model,
         loader,
         env,
+        what="predict",
         loss_fn=None,
         reduce=reduce,
         keep_predictions=True,
@@ -309,8 +274,8 @@ def predict(
         keep_loss=False,
         precision=precision,
     )
-    _, first = _gathered(local, env, "predict")
-    return _assemble([local["pred"][first[i]] for i in sorted(first)])
+    merged, order = _gathered(local, indexed, env)
+    return _assemble([merged.pred[r] for r in order])
 
 
 @dataclass(frozen=True)
@@ -318,9 +283,9 @@ class ParameterTable:
     """Trainable and total parameter counts per module (``str()`` renders a table).
 
     Example:
-        >>> table = count_parameters(model)          # doctest: +SKIP
+        >>> table = count_parameters(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)))
         >>> table.trainable, table.total, table.rows[0]
-        (36162, 36162, ('bert.embeddings', 17952, 17952))
+        (13, 13, ('0', 9, 9))
     """
 
     rows: list[tuple[str, int, int]]

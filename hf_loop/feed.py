@@ -149,8 +149,8 @@ class Feed:
         while micro := list(islice(self._batches, self.grad_accum)):
             self.used += len(micro)
             yield micro
-        if agreed is not None:
-            self.unread_examples += getattr(agreed, "unread_examples", agreed.leftover_examples)
+        if agreed is not None:  # the same count on every rank: what the ranks left unread this epoch
+            self.unread_examples += agreed.unread_examples
 
     @property
     def ended(self) -> bool:

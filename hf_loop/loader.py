@@ -1,9 +1,12 @@
-"""`make_loader`: a dataset and a sampling strategy in, an exact, resumable, seeded DataLoader out."""
+"""`make_loader`: a dataset and a sampling strategy in, an exact, resumable, seeded DataLoader out.
+
+:class:`Loader` is one class for map-style data and streams: it delegates the data position to one object that
+implements the position protocol (``hf_loop.batches.MapBatches`` for map-style data,
+``hf_loop.stream.StreamTracker`` for streams; the protocol is listed in ``hf_loop/batches.py``).
+"""
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,77 +15,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_loop import samplers as hs
-from hf_loop.dist import DistEnv, default_device
+from hf_loop.adapters import to_torch
+from hf_loop.batches import MapBatches
+from hf_loop.checks import boolean, integer, optional_integer
+from hf_loop.collate import PadCollator
+from hf_loop.dist import DistEnv, default_device, process_group_size
 from hf_loop.samplers.strategy import STRATEGIES, STRATEGY_OPTIONS, build_sampler
+from hf_loop.stream import StreamDataset, StreamTracker
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for (seed, epoch): what the Loader's torch.Generator is reseeded with."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-class _BatchIndices(list):
-    """A batch of dataset indices that also carries ``rng_key`` = (seed, epoch, global position of its first
-    example), from which MapDataset seeds a transform's random Generator. Pickles to workers with its key."""
-
-    rng_key: tuple[int, int, int]
-
-
-class _Batches:
-    """Batch sampler over an hf_loop sampler: groups an index sampler's stream into batches (or passes a batch
-    sampler's batches through) and tags each batch with its rng_key."""
-
-    def __init__(self, sampler: Any, batch_size: int | None, drop_last: bool, seed: int) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.seed = seed
-
-    def _stride(self) -> tuple[int, int]:
-        if isinstance(self.sampler, hs.DistributedSampler):
-            return self.sampler.num_replicas, self.sampler.rank
-        return 1, 0
-
-    def __iter__(self) -> Iterator[_BatchIndices]:
-        # DataLoader calls iter() more than once per epoch with workers: this must not change sampler state.
-        world, rank = self._stride()
-        start, epoch = getattr(self.sampler, "start", 0), getattr(self.sampler, "epoch", 0)
-        for first_item, batch in self._group():
-            tagged = _BatchIndices(batch)
-            tagged.rng_key = (self.seed, epoch, start + first_item * world + rank)
-            yield tagged
-
-    def _group(self) -> Iterator[tuple[int, list[int]]]:
-        """(position of the batch's first item in this rank's stream, the batch's indices)."""
-        if hasattr(self.sampler, "items"):  # hf_loop samplers: slice one array instead of a stream of ints
-            items = self.sampler.items()
-            if getattr(self.sampler, "yields_batches", False):
-                for k, batch in enumerate(items):
-                    yield k, batch.tolist()
-                return
-            stop = len(items) - len(items) % self.batch_size if self.drop_last else len(items)
-            for first in range(0, stop, self.batch_size):
-                yield first, items[first : first + self.batch_size].tolist()
-            return
-        if getattr(self.sampler, "yields_batches", False):
-            yield from enumerate(self.sampler)
-            return
-        batch: list[int] = []
-        consumed = 0
-        for index in self.sampler:
-            batch.append(index)
-            if len(batch) == self.batch_size:
-                yield consumed, batch
-                consumed += len(batch)
-                batch = []
-        if batch and not self.drop_last:
-            yield consumed, batch
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        if getattr(self.sampler, "yields_batches", False):
-            return n
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
 class PaddingStats:
@@ -122,42 +66,42 @@ class Loader(DataLoader):
 
     Build it with :func:`make_loader`. Iterating never draws from the global RNG: the Loader owns a
     ``torch.Generator`` reseeded from (seed, epoch) at each pass, and samplers are pure functions of (seed, epoch).
-    After a complete pass the epoch advances by one; ``set_epoch`` sets it explicitly.
+    After a complete pass the epoch advances by one (lazily, at the next pass); ``set_epoch`` sets it explicitly.
+
+    ``unread_examples`` counts, over the whole run, the examples that ``hl.even_steps`` left unread on this rank
+    when the ranks stopped together (0 when every rank had as many batches).
 
     Example:
-        >>> loader = make_loader(ds, batch_size=32, sampler="random", seed=0)       # doctest: +SKIP
-        >>> for step, batch in enumerate(loader):                                  # doctest: +SKIP
-        ...     if step == 9:
-        ...         state = loader.state_dict(consumed=10)   # after 10 batches: plain ints and lists
+        >>> from datasets import Dataset
+        >>> ds = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6], [7]] * 4})
+        >>> loader = make_loader(ds, batch_size=4, sampler="random", seed=0)
+        >>> for step, batch in enumerate(loader):
+        ...     if step == 1:
+        ...         state = loader.state_dict(consumed=2)   # after 2 batches: plain ints and lists
         ...         break
-        >>> fresh = make_loader(ds, batch_size=32, sampler="random", seed=0)        # doctest: +SKIP
+        >>> fresh = make_loader(ds, batch_size=4, sampler="random", seed=0)
         >>> fresh.load_state_dict(state)   # the next pass yields exactly the remaining batches
+        >>> fresh.batches_left()           # known without reading any data
+        2
     """
 
     def __init__(
-        self,
-        dataset: Any,
-        *,
-        seed: int,
-        env: DistEnv,
-        batches: _Batches | None = None,
-        tracker: Any = None,
-        **dataloader_kwargs: Any,
+        self, dataset: Any, *, seed: int, env: DistEnv, position: Any, **dataloader_kwargs: Any
     ) -> None:
-        generator = torch.Generator()
-        if batches is not None:
-            dataloader_kwargs["batch_sampler"] = batches
-        super().__init__(dataset, generator=generator, **dataloader_kwargs)
+        super().__init__(dataset, generator=torch.Generator(), **dataloader_kwargs)
         self.seed = seed
         self.env = env
-        self.epoch = 0
+        self.position = position
+        self.epoch = position.epoch
         self.padding = PaddingStats()
-        self._batches = batches
-        self._tracker = tracker
+        self.unread_examples = 0
+        self.pass_rows = 0  # examples yielded in the current pass
+        self._kwargs = dataloader_kwargs
         self._yielded = 0
         self._pass_complete = (
             False  # the epoch advances lazily, at the next pass, so state_dict still sees it
         )
+        self._twin: Loader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Order the next pass as epoch ``epoch``.
@@ -165,26 +109,41 @@ class Loader(DataLoader):
         Setting the epoch the loader is already in (e.g. right after ``load_state_dict``) keeps the resumed
         position; any other epoch, or the same one after a complete pass, starts from its beginning.
         """
+        epoch = integer("epoch", epoch, 0)
         if epoch != self.epoch or self._pass_complete:
             self.epoch = epoch
             self._pass_complete = False
-            if self._batches is not None and hasattr(self._batches.sampler, "set_epoch"):
-                self._batches.sampler.set_epoch(epoch)
-            if self._tracker is not None:
-                self._tracker.set_epoch(epoch)
+            self.position.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
+        return self._pass(keys=False)
+
+    def indexed(self) -> Iterator[tuple[list[int], Any]]:
+        """Iterate like ``for batch in loader``, yielding ``(dataset row indices, batch)`` pairs: the indices
+        come from the batch sampler in the main process, so they never travel inside the batch.
+
+        Raises:
+            TypeError: a stream (its rows have no global index).
+
+        Example:
+            >>> for rows, batch in loader.indexed(): ...     # doctest: +SKIP
+        """
+        if not self.position.has_indices:
+            raise TypeError("a streamed dataset has no row indices; iterate the loader itself")
+        return self._pass(keys=True)
+
+    def _pass(self, keys: bool) -> Iterator[Any]:
+        """One pass: the batches, or ``(row indices, batch)`` pairs with ``keys``."""
         if self._pass_complete:
             self.set_epoch(self.epoch + 1)
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        self._yielded = 0
+        self._yielded = self.pass_rows = 0
         source = self._in_process() if self._fetches_in_process() else super().__iter__()
-        if self._tracker is not None:
-            source = self._tracker.iterate(source)
-        for batch in source:
+        for key, rows, batch in self.position.iterate(source):
             self.padding.update(batch)
             self._yielded += 1
-            yield batch
+            self.pass_rows += rows
+            yield (key, batch) if keys else batch
         self._pass_complete = True
 
     def _fetches_in_process(self) -> bool:
@@ -192,79 +151,46 @@ class Loader(DataLoader):
         no workers, no pinning, and the batch sampler (or bound stream) make_loader set up."""
         if self.num_workers != 0 or self.pin_memory or self.timeout:
             return False  # (DataLoader itself refuses a timeout without workers: leave that to it)
-        return self._tracker is not None or (
-            self._batches is not None and self.batch_sampler is self._batches
-        )
+        return self.batch_sampler is self.position or self.batch_sampler is None
 
     def _in_process(self) -> Iterator[Any]:
         """What DataLoader's single-process iterator does per batch (fetch, then collate), without its
         per-batch profiler scope and bookkeeping, which cost about a tenth of a padded batch."""
-        collate = self.collate_fn
-        if self._tracker is not None:  # a bound stream yields whole batches (batch_size=None)
-            for item in self.dataset:
+        collate, dataset = self.collate_fn, self.dataset
+        if self.batch_sampler is None:  # a bound stream yields whole batches (batch_size=None)
+            for item in dataset:
                 yield collate(item)
             return
-        dataset = self.dataset
         getitems = getattr(dataset, "__getitems__", None)  # as torch's fetcher: one call per batch if defined
-        for indices in self._batches:
+        for indices in self.batch_sampler:
             yield collate(getitems(indices) if getitems else [dataset[i] for i in indices])
 
     def __len__(self) -> int:
-        if self._tracker is not None:
-            raise TypeError(
-                "a streamed dataset has no length: give the training loop max_steps (or count batches yourself)"
-            )
-        return super().__len__()
+        """Batches in a full epoch on this rank (TypeError for a stream, which has no length)."""
+        return len(self.position)
 
     def batches_left(self) -> int | None:
-        """Batches the next pass yields on this rank from the current (possibly resumed) position; None for a
-        stream. Computed from the sampler's order, without reading data."""
-        if self._tracker is not None:
-            return None
-        if self._pass_complete:
-            return len(self)
-        sampler, batch_size = self._batches.sampler, self._batches.batch_size
-        left = len(sampler.items()) if hasattr(sampler, "items") else len(sampler)
-        if getattr(sampler, "yields_batches", False):
-            return left
-        return left // batch_size if self._batches.drop_last else -(-left // batch_size)
+        """Batches the next pass yields on this rank from the current (possibly resumed) position, without
+        reading data; None for a stream."""
+        return self.position.left(self.epoch + 1 if self._pass_complete else None)
+
+    def data_identity(self) -> dict[str, Any]:
+        """Plain JSON values that identify the data, for checkpoint resume checks: map-style, the HF dataset's
+        fingerprint, rows, columns and the sampling strategy with its seed (not the world size); streams, the
+        files and their sizes (or the dataset's config) and the shard plan's counts, seed and shuffle."""
+        return self.position.identity()
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """The position after ``consumed`` batches of the current pass (default: all yielded so far).
 
         The training loop passes the count at its last optimizer step, so batches that workers prefetched or the
-        loop staged on the device are not counted. Holds only plain ints, lists and strings.
+        loop staged on the device are not counted. Holds only plain ints, lists and strings. Taken after the
+        pass's last batch (even inside the ``for`` loop) it is the start of the next epoch.
         """
-        k = self._yielded if consumed is None else consumed
+        k = self._yielded if consumed is None else integer("consumed", consumed)
         if k < 0 or k > self._yielded:
             raise ValueError(f"consumed must be between 0 and the {self._yielded} batches yielded, got {k}")
-        if self._tracker is not None:
-            return {"kind": "stream", **self._tracker.state_dict(k)}
-        sampler = self._batches.sampler
-        if not hasattr(sampler, "state_dict"):
-            raise TypeError(
-                f"sampler {type(sampler).__name__} has no state_dict(), so this loader cannot be resumed; "
-                "use one of hf_loop's samplers (hl.RandomSampler, hl.WeightedSampler, ...)"
-            )
-        items = k if getattr(sampler, "yields_batches", False) else k * self._batches.batch_size
-        state = sampler.state_dict(items)
-        if self._epoch_done(sampler, state["position"]):  # nothing left: resume at the next epoch's start
-            state.update(epoch=self.epoch + 1, position=0)
-        return {
-            "kind": "map",
-            "epoch": int(state["epoch"]),
-            "batch_size": self._batches.batch_size,
-            "world_size": self.env.world_size,
-            "sampler": state,
-        }
-
-    def _epoch_done(self, sampler: Any, position: int) -> bool:
-        left = max(sampler._epoch_size(sampler.epoch) - position, 0)
-        world = getattr(sampler, "num_replicas", 1)
-        per_rank = left // world if getattr(sampler, "drop_last", False) else -(-left // world)
-        if getattr(sampler, "yields_batches", False):
-            return per_rank == 0
-        return per_rank == 0 or (self._batches.drop_last and per_rank < self._batches.batch_size)
+        return {"kind": self.position.kind, **self.position.state_dict(k)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`: the next pass yields exactly the batches not yet consumed.
@@ -273,25 +199,47 @@ class Loader(DataLoader):
             ValueError: the state belongs to another kind of data (stream vs map-style) or another sampler
                 (different dataset size, seed or strategy); the message says what differs.
         """
-        kind = "stream" if self._tracker is not None else "map"
+        kind = self.position.kind
         if state.get("kind") != kind:
             raise ValueError(f"this loader reads {kind} data but the state is for {state.get('kind')!r} data")
+        self.position.load_state_dict({k: v for k, v in state.items() if k != "kind"})
         self.epoch = int(state["epoch"])
         self._pass_complete = False
         self._yielded = 0
-        if self._tracker is not None:
-            self._tracker.load_state_dict({k: v for k, v in state.items() if k != "kind"})
-            return
-        saved = (state["batch_size"] or 1) * state["world_size"]
-        now = (self._batches.batch_size or 1) * self.env.world_size
-        if saved != now:
-            unit = "batches" if self._batches.batch_size is None else "examples"
-            warnings.warn(
-                f"resuming with a global batch of {now} {unit} (saved with {saved}): the example order continues "
-                "exactly, but optimizer steps now cover a different number of examples",
-                stacklevel=2,
+
+    def unpadded(self) -> Loader:
+        """This loader, or (when its distributed sampler pads ranks with duplicates) a twin that splits the same
+        data over the ranks without padding: every row exactly once, ranks' shares at most one batch apart —
+        what evaluation needs. The twin starts at the current epoch's beginning; this loader is not changed.
+
+        Example:
+            >>> for rows, batch in eval_loader.unpadded().indexed(): ...     # doctest: +SKIP
+        """
+        if self._twin is None:
+            position = self.position.unpadded()
+            if position is None:
+                return self
+            kwargs = {**self._kwargs, "batch_sampler": position}
+            self._twin = Loader(self.dataset, seed=self.seed, env=self.env, position=position, **kwargs)
+        return self._twin
+
+    @property
+    def _is_accelerate_prepared(self) -> bool:
+        """accelerate's ``Accelerator.prepare`` returns a loader with this attribute as it is: an hl.Loader is
+        already split over the ranks by ``env`` and resumes exactly, and re-sharding it would keep 1/W of each
+        rank's share. A loader built for one process inside a multi-process group is refused instead."""
+        world = process_group_size()
+        if world > 1 and self.env.world_size != world:
+            raise ValueError(
+                f"this hl.Loader was built for world_size={self.env.world_size} but runs in a process group of "
+                f"{world}; build it with env=hl.init_distributed() (after creating the Accelerator) so that each "
+                "rank reads its own share. accelerate then passes it through untouched"
             )
-        self._batches.sampler.load_state_dict(state["sampler"])
+        return True
+
+    @_is_accelerate_prepared.setter
+    def _is_accelerate_prepared(self, value: bool) -> None:
+        pass  # always prepared (see the getter)
 
 
 def _resolve_pin_memory(pin_memory: bool | str, env: DistEnv) -> bool:
@@ -336,9 +284,6 @@ def make_loader(
         >>> ds = hl.MapDataset(hf_dataset, transform=tokenize)                         # doctest: +SKIP
         >>> loader = hl.make_loader(ds, batch_size=32, sampler="length", num_workers=2)   # doctest: +SKIP
     """
-    from hf_loop.collate import PadCollator
-    from hf_loop.data import to_torch
-
     env = env or DistEnv(device=default_device())  # one process; pin_memory='auto' still sees a GPU
     options = {k: kwargs.pop(k) for k in STRATEGY_OPTIONS if k in kwargs}
     if kwargs.get("in_order", True) is False:
@@ -351,14 +296,16 @@ def make_loader(
             raise TypeError(
                 f"make_loader sets {taken} itself; choose the order with sampler=... and seed=..."
             )
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = optional_integer("batch_size", batch_size, 1)
+    num_workers = integer("num_workers", num_workers, 0)
+    drop_last = boolean("drop_last", drop_last)
+    seed = integer("seed", seed, 0)
     if type(dataset).__module__.startswith("datasets."):
         dataset = to_torch(dataset)
     common = {"num_workers": num_workers, "pin_memory": _resolve_pin_memory(pin_memory, env), **kwargs}
     collate_fn = collate_fn or PadCollator()
 
-    if hasattr(dataset, "bind"):  # a StreamDataset: it yields whole batches itself
+    if isinstance(dataset, StreamDataset):  # it yields whole batches itself
         ordering = sorted(set(options) - {"max_tokens"})  # a token budget is a batching choice, not an order
         if sampler is not None or ordering:
             raise ValueError(
@@ -379,7 +326,7 @@ def make_loader(
             bound,
             seed=seed,
             env=env,
-            tracker=bound.tracker(),
+            position=StreamTracker(bound),
             batch_size=None,
             collate_fn=bound.wrap_collate(collate_fn),
             **common,
@@ -407,9 +354,22 @@ def make_loader(
                 f"set them on the {type(strategy).__name__} object instead"
             )
         global_sampler = strategy
-    if env.world_size > 1 and not isinstance(global_sampler, hs.DistributedSampler):
+    if isinstance(global_sampler, hs.DistributedSampler):
+        if (global_sampler.num_replicas, global_sampler.rank) != (
+            env.world_size,
+            env.rank,
+        ) and env.world_size > 1:
+            raise ValueError(
+                f"the DistributedSampler is rank {global_sampler.rank} of {global_sampler.num_replicas} but env is "
+                f"rank {env.rank} of {env.world_size}; pass the global sampler and make_loader splits it for env"
+            )
+    elif env.world_size > 1:
         global_sampler = hs.DistributedSampler(global_sampler, num_replicas=env.world_size, rank=env.rank)
     if batch_size is None and not getattr(global_sampler, "yields_batches", False):
         raise ValueError("batch_size is required unless the sampler yields whole batches (sampler='tokens')")
-    batches = _Batches(global_sampler, batch_size, drop_last, seed)
-    return Loader(dataset, seed=seed, env=env, batches=batches, collate_fn=collate_fn, **common)
+    batches = MapBatches(
+        global_sampler, batch_size, drop_last, seed, world_size=env.world_size, dataset=dataset
+    )
+    return Loader(
+        dataset, seed=seed, env=env, position=batches, batch_sampler=batches, collate_fn=collate_fn, **common
+    )

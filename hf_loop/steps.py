@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from hf_loop.data import INDEX_KEY
 from hf_loop.dist import DistEnv, all_reduce, batch_size_of
 from hf_loop.fsdp import full_value, gradient_sync, is_sharded, param_dtype
 
@@ -67,11 +66,11 @@ class ModelInputs:
     Args:
         model: the (possibly wrapped) model.
         names: explicit list of keys to pass (``TrainConfig.model_inputs``); default: what ``forward`` names, or,
-            for a fully open ``forward(*args, **kwargs)``, every tensor except the global index.
+            for a fully open ``forward(*args, **kwargs)``, every tensor.
 
     Example:
         >>> inputs = ModelInputs(model)                       # doctest: +SKIP
-        >>> model(**inputs.select(batch, training=True))      # "_index", "id" and strings stay outside
+        >>> model(**inputs.select(batch, training=True))      # "id" and other strings stay outside
     """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str] | None = None) -> None:
@@ -92,7 +91,7 @@ class ModelInputs:
 
     def select(self, batch: Mapping[str, Any], *, training: bool) -> dict[str, Any]:
         if self.names is None:
-            kwargs = {k: v for k, v in batch.items() if k != INDEX_KEY and isinstance(v, torch.Tensor)}
+            kwargs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         else:
             kwargs = {k: v for k, v in batch.items() if k in self.names}
         if training and self.use_cache_off:

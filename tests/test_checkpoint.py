@@ -63,7 +63,7 @@ def test_a_checkpoint_is_a_step_folder_of_stateful_objects_with_a_manifest(tmp_p
         ({"model": "labels3"}, r"model\.shapes: checkpoint has '[0-9a-f]+', this run has"),
         ({"n": 24}, r"data\.rows: checkpoint has 16, this run has 24"),
         ({"data": "other"}, r"data\.fingerprint: checkpoint has '[0-9a-f]+', this run has '[0-9a-f]+'"),
-        ({"sampler": "sequential"}, r"data\.strategy: checkpoint has 'map/RandomSampler\(seed=0\)'"),
+        ({"sampler": "sequential"}, r"data\.strategy: checkpoint has 'RandomSampler\(seed=0\)'"),
         ({"seed": 7}, r"data\.strategy: .*RandomSampler\(seed=0\).*RandomSampler\(seed=7\)"),
         ({"optimizer": torch.optim.AdamW}, r"optimizer\.class: checkpoint has 'SGD', this run has 'AdamW'"),
     ],

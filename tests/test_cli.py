@@ -103,12 +103,12 @@ def test_inspect_streaming_shows_the_shard_plan(hub_folder, tmp_path, capsys):
         (1, [1]),
     ]
     assert report["lengths"]["count"] == 60 and "streamed" in report["notes"][-1]
-    # 2 shards cannot feed 2 ranks x 2 workers: the report says why and how to fix it, and keeps its numbers
-    assert main([*args, "--num-workers", "2", "--out", str(tmp_path)]) == 0
+    # 60 rows cannot feed 2 ranks x 40 workers: the report says why and how to fix it, and keeps its numbers
+    assert main([*args, "--num-workers", "40", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["plan"] is None and report["lengths"]["count"] == 60
     assert (
-        "no shard plan for world size 2 x 2 worker(s)" in report["notes"][0] and "Fix:" in report["notes"][0]
+        "no shard plan for world size 2 x 40 worker(s)" in report["notes"][0] and "Fix:" in report["notes"][0]
     )
 
 

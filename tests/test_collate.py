@@ -303,9 +303,32 @@ def test_configuration_errors():
         hl.PadCollator(padding_side="center")
     with pytest.raises(ValueError, match="max_length=10 is not a multiple of pad_to_multiple_of=4"):
         hl.PadCollator(max_length=10, pad_to_multiple_of=4)
-    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1, got 0"):
         hl.PadCollator(pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="max_length must be an int, got bool True"):
+        hl.PadCollator(max_length=True)  # a bool is not a length (bool() coercion would read it as 1)
+    with pytest.raises(TypeError, match="pad_to_multiple_of must be an int, got str '8'"):
+        hl.PadCollator(pad_to_multiple_of="8")
+    with pytest.raises(TypeError, match="attention_mask must be a field name"):
+        hl.PadCollator(attention_mask=False)
     with pytest.raises(ValueError, match="pad value 0.5 for the integer field 'input_ids' is not an integer"):
         hl.PadCollator({"input_ids": 0.5})({"input_ids": [[1], [2, 3]]})
     with pytest.raises(TypeError, match="pad value for field 'input_ids' must be a number, got str"):
         hl.PadCollator({"input_ids": "[PAD]"})({"input_ids": [[1], [2, 3]]})
+
+
+def test_uint64_values_beyond_int64_are_refused_not_wrapped_negative():
+    big = 2**63 + 5
+    message = f"field 'id' holds {big}, above int64's maximum"
+    collate = hl.PadCollator()
+    for batch in (
+        [{"id": big}, {"id": 1}],  # Python ints: numpy alone would make them float64
+        {"id": np.array([big, 1], dtype=np.uint64)},
+        hl.Columns({"id": pa.array([big, 1], pa.uint64())}),
+        hl.Columns({"id": pa.array([[1, big], [2]], pa.list_(pa.uint64()))}),
+        [{"id": [1, big]}, {"id": [2]}],
+    ):
+        with pytest.raises(ValueError, match=message):
+            collate(batch)
+    fits = collate(hl.Columns({"id": pa.array([[2**63 - 1], [7]], pa.list_(pa.uint64()))}))
+    assert fits["id"].dtype == torch.int64 and fits["id"][0, 0].item() == 2**63 - 1

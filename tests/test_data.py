@@ -60,9 +60,8 @@ def test_getitems_matches_the_hf_rows_in_every_view(view, tmp_path):
     for indices in ([0, 1, 2], [4, 0, 3], list(range(len(ds)))[::-1], [len(ds) - 1]):
         batch = mds.__getitems__(indices)
         assert isinstance(batch, hl.Columns) and isinstance(batch.columns["input_ids"], pa.Array)
-        expected = [{**row, hl.INDEX_KEY: i} for row, i in zip(_naive_rows(ds, indices), indices)]
-        assert list(batch) == expected
-    assert mds[-1] == {**_naive_rows(ds, [len(ds) - 1])[0], "_index": len(ds) - 1}
+        assert list(batch) == _naive_rows(ds, indices)
+    assert mds[-1] == _naive_rows(ds, [len(ds) - 1])[0]
     assert mds.lengths().tolist() == [len(ids) for ids in ds["input_ids"]]
 
 
@@ -83,8 +82,8 @@ def test_multi_chunk_gather_handles_every_column_type():
     mds = hl.MapDataset(ds)
     assert set(mds._arrow()["numeric"]) == {"ids", "score", "floats"}
     indices = [8, 0, 4, 4, 7, 1]
-    assert list(mds.__getitems__(indices)) == [{**ds[i], "_index": i} for i in indices]
-    assert list(mds.__getitems__([2, 3, 4])) == [{**ds[i], "_index": i} for i in (2, 3, 4)]  # contiguous run
+    assert list(mds.__getitems__(indices)) == [ds[i] for i in indices]
+    assert list(mds.__getitems__([2, 3, 4])) == [ds[i] for i in (2, 3, 4)]  # contiguous run
 
 
 def test_twin_mask_columns_gather_exactly_with_and_without_zeros():
@@ -100,7 +99,7 @@ def test_twin_mask_columns_gather_exactly_with_and_without_zeros():
     numeric = mds._arrow()["numeric"]
     assert numeric["attention_mask"].twin == "input_ids" and numeric["other"].twin == "input_ids"
     for indices in ([9, 1, 10], [9, 5, 1, 4], [11, 0, 6, 6]):
-        assert list(mds.__getitems__(indices)) == [{**ds[i], "_index": i} for i in indices]
+        assert list(mds.__getitems__(indices)) == [ds[i] for i in indices]
 
 
 def test_one_arrow_read_and_one_transform_call_per_batch(text_dataset):
@@ -114,18 +113,18 @@ def test_one_arrow_read_and_one_transform_call_per_batch(text_dataset):
     loader = DataLoader(mds, batch_size=16, collate_fn=hl.PadCollator())
     batches = list(loader)
     assert calls == [16] * 6 + [4]
-    assert sum(len(b["_index"]) for b in batches) == 100
+    assert sum(len(b["input_ids"]) for b in batches) == 100
     assert batches[0]["labels"].tolist() == text_dataset["label"][:16]
 
 
 def test_columns_are_selected_after_the_transform_and_label_is_renamed(text_dataset):
     mds = hl.MapDataset(text_dataset, transform=tokenize_lengths, columns=["input_ids", "label"])
     row = mds[3]
-    assert set(row) == {"input_ids", "labels", "_index"}
+    assert set(row) == {"input_ids", "labels"}
     assert row["input_ids"] == [len(w) for w in text_dataset[3]["text"].split()]
     kept = hl.MapDataset(text_dataset, rename_label=False)[0]
     assert "label" in kept and "labels" not in kept
-    assert set(hl.MapDataset(text_dataset.with_format(None, columns=["text"]))[0]) == {"text", "_index"}
+    assert set(hl.MapDataset(text_dataset.with_format(None, columns=["text"]))[0]) == {"text"}
 
 
 def test_missing_columns_name_the_available_ones(text_dataset):
@@ -163,17 +162,14 @@ def test_transform_errors_are_typed_and_named():
     def changes_rows(batch):
         return {"x": batch["x"] * 2}
 
-    def uses_index(batch):
-        return {"_index": batch["x"]}
-
     with pytest.raises(TypeError, match="returns_list.*returned list; it must return a dict of columns"):
         hl.MapDataset(ds, transform=returns_list)[0]
     with pytest.raises(
         hl.DataError, match=r"changes_rows.*got 2 rows but returned columns of lengths \{'x': 4\}"
     ):
         hl.MapDataset(ds, transform=changes_rows).__getitems__([0, 1])
-    with pytest.raises(hl.DataError, match="reserves for row indices"):
-        hl.MapDataset(ds, transform=uses_index)[0]
+    with pytest.raises(TypeError, match="rename_label must be True or False, got str 'no'"):
+        hl.MapDataset(ds, rename_label="no")
     with pytest.raises(TypeError, match="transform must be callable"):
         hl.MapDataset(ds, transform="tokenize")
     with pytest.raises(TypeError, match=r"set_transform.*MapDataset\(ds.with_format\(None\), transform=fn\)"):
@@ -208,7 +204,7 @@ def test_module_level_transform_works_in_a_spawned_worker(text_dataset):
         mds, batch_size=50, num_workers=1, multiprocessing_context="spawn", collate_fn=hl.PadCollator()
     )
     batches = list(loader)
-    assert [b["_index"].tolist() for b in batches] == [list(range(50)), list(range(50, 100))]
+    assert [len(b["input_ids"]) for b in batches] == [50, 50]
     assert batches[1]["labels"].tolist() == text_dataset["label"][50:]
 
 
@@ -253,6 +249,21 @@ def test_columns_is_a_read_only_list_that_pickles_without_rows(tokenizer):
         hl.Columns({"a": [1, 2], "b": [1]})
 
 
+def test_map_batches_hold_only_data_columns_for_transformers_collators(tokenizer, text_dataset):
+    from transformers import DataCollatorWithPadding
+
+    def tokenize(batch):
+        return {**tokenizer(batch["text"]), "label": batch["label"]}
+
+    mds = hl.MapDataset(text_dataset, transform=tokenize, columns=["input_ids", "attention_mask", "label"])
+    rows = mds.__getitems__([3, 1, 4])
+    assert list(rows[0]) == ["input_ids", "attention_mask", "labels"]  # no row index among the keys
+    theirs = DataCollatorWithPadding(tokenizer)(rows)
+    ours = hl.PadCollator.for_tokenizer(tokenizer)(rows)
+    assert set(theirs) == set(ours) == {"input_ids", "attention_mask", "labels"}
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
 def test_to_torch_dispatches_by_type(text_dataset):
     assert isinstance(hl.to_torch(text_dataset, columns=["text"]), hl.MapDataset)
     with pytest.raises(TypeError, match=r"DatasetDict with splits \['test', 'train'\]; pick one split"):
@@ -266,9 +277,36 @@ def test_to_torch_dispatches_by_type(text_dataset):
 def test_make_loader_pads_map_batches_end_to_end(text_dataset):
     mds = hl.MapDataset(text_dataset, transform=tokenize_lengths, columns=["input_ids", "labels"])
     loader = hl.make_loader(mds, batch_size=10, sampler="random", seed=1)
-    seen = torch.cat([b["_index"] for b in loader])
-    assert sorted(seen.tolist()) == list(range(100))
-    first = next(iter(loader))
+    pairs = list(loader.indexed())
+    assert sorted(i for rows, _ in pairs for i in rows) == list(range(100))
+    rows, first = pairs[0]
+    assert set(first) == {"input_ids", "attention_mask", "labels"}  # no bookkeeping key for model(**batch)
     assert first["input_ids"].shape[0] == 10 and first["attention_mask"].sum() == sum(
-        len(text_dataset[i]["text"].split()) for i in first["_index"].tolist()
+        len(text_dataset[i]["text"].split()) for i in rows
     )
+    assert first["labels"].tolist() == [text_dataset[i]["label"] for i in rows]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "hf_loop.checks",
+        "hf_loop.data.columns",
+        "hf_loop.data.transform",
+        "hf_loop.data.arrow",
+        "hf_loop.data.dataset",
+        "hf_loop.adapters",
+        "hf_loop.batches",
+        "hf_loop.loader",
+        "hf_loop.stream.files",
+        "hf_loop.stream.plan",
+        "hf_loop.stream.protocol",
+        "hf_loop.dist",
+    ],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

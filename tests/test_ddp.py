@@ -16,26 +16,27 @@ N_ELASTIC = 24
 
 
 class IndexRecorder(torch.nn.Module):
-    """Takes the global index as an input (via model_inputs) so a test can see which examples each step used."""
+    """Takes the data's row id as an input (via model_inputs) so a test can see which examples each step used."""
 
     def __init__(self) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(1, 1)
         self.seen: list[list[int]] = []
 
-    def forward(self, input_ids, labels, _index):
-        self.seen.append(_index.tolist())
+    def forward(self, input_ids, labels, row):
+        self.seen.append(row.tolist())
         prediction = self.linear(input_ids.float().mean(1, keepdim=True)).squeeze(1)
         return {"loss": ((prediction - labels.float()) ** 2).mean()}
 
 
 def _elastic_run(out_dir, *, batch_size: int, max_steps: int, env: hl.DistEnv) -> list[list[int]]:
     model = IndexRecorder()
-    loader = hl.make_loader(
-        classification_dataset(N_ELASTIC), batch_size=batch_size, sampler="random", seed=5, env=env
-    )
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({**token_rows(N_ELASTIC), "row": list(range(N_ELASTIC))})
+    loader = hl.make_loader(hl.MapDataset(rows), batch_size=batch_size, sampler="random", seed=5, env=env)
     config = hl.TrainConfig(
-        max_steps=max_steps, out_dir=out_dir, progress=False, model_inputs=["input_ids", "labels", "_index"]
+        max_steps=max_steps, out_dir=out_dir, progress=False, model_inputs=["input_ids", "labels", "row"]
     )
     hl.train(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), config, env=env)
     return model.seen
@@ -76,7 +77,7 @@ def _train_stream(env: hl.DistEnv, out_dir: str | None = None) -> tuple[int, int
 
 
 def _predict_without_index(env: hl.DistEnv) -> str:
-    """Batches without "_index" (a hand-made DataLoader): duplicates could not be removed, so it is an error."""
+    """A hand-made DataLoader: its split over the ranks (if any) is unknown, so distributed predict refuses it."""
     rows = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)} for _ in range(6)]
     try:
         hl.predict(tiny_bert(), torch.utils.data.DataLoader(rows, batch_size=2), env=env)
@@ -146,9 +147,7 @@ def test_distributed_evaluate_and_predict_drop_padding_duplicates(runs):
     single_eval, single_pred = _eval_and_predict(hl.DistEnv())
     for rank in runs["ranks"]:
         evaluation, predictions = rank["eval"]
-        assert (
-            evaluation["examples"] == 10
-        )  # 10 rows on 2 ranks in batches of 4: 2 padding duplicates removed
+        assert evaluation["examples"] == 10  # 10 rows on 2 ranks in batches of 4: 5 each, no padding
         assert evaluation["loss"] == pytest.approx(single_eval["loss"], rel=1e-5)
         assert evaluation["accuracy"] == single_eval["accuracy"]
         assert predictions.shape == (10, 2)
@@ -167,6 +166,6 @@ def test_a_stream_checkpoint_is_not_resumed_on_another_world_size(runs):
         _train_stream(hl.DistEnv(), str(runs["dir_stream"]))
 
 
-def test_distributed_predict_without_the_index_column_is_an_error(runs):
+def test_distributed_predict_over_a_plain_dataloader_is_an_error(runs):
     for rank in runs["ranks"]:
-        assert "distributed predict needs the '_index' column in every batch" in rank["no_index"]
+        assert "distributed predict needs an hl.Loader built with env=" in rank["no_index"]

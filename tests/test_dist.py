@@ -52,11 +52,13 @@ def _uneven(env):
     total = 0
     for batch in steps:
         total += int(dist.all_reduce(batch["x"].sum(), env))  # a collective every step
-    return steps.steps, steps.leftover_batches, steps.leftover_examples, total
+    return steps.steps, steps.leftover_batches, steps.leftover_examples, total, steps.unread_examples
 
 
 def test_even_steps_stops_every_rank_together():
     results = run_distributed(_uneven, world_size=2)
     assert results[0][0] == results[1][0] == 3
-    assert results[0][1:3] == (0, 0) and results[1][1:3] == (1, 2)
+    # rank 1 stopped with a batch in hand and one more unread: both counted, the total reported on every rank
+    assert results[0][1:3] == (0, 0) and results[1][1:3] == (2, 4)
     assert results[0][3] == results[1][3] == 12
+    assert results[0][4] == results[1][4] == 4

@@ -20,7 +20,11 @@ def tokenized(n: int = N) -> Dataset:
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 40, size=n)
     return Dataset.from_dict(
-        {"input_ids": [list(range(1, int(k) + 1)) for k in lengths], "label": [i % 3 for i in range(n)]}
+        {
+            "input_ids": [list(range(1, int(k) + 1)) for k in lengths],
+            "label": [i % 3 for i in range(n)],
+            "row": list(range(n)),  # the data's own row id: what a batch really holds
+        }
     )
 
 
@@ -34,17 +38,33 @@ STRATEGIES = {
 }
 
 
-def build(strategy: str, *, num_workers: int = 0, env: hl.DistEnv | None = None, batch_size: int = 4, **kw):
+def build(
+    strategy: str,
+    *,
+    num_workers: int = 0,
+    env: hl.DistEnv | None = None,
+    batch_size: int = 4,
+    epoch_hint: int | None = None,
+    **kw,
+):
     ds = hl.MapDataset(tokenized())
     options = {**STRATEGIES[strategy], **kw}
     size = None if strategy == "tokens" else batch_size
-    return hl.make_loader(
+    loader = hl.make_loader(
         ds, batch_size=size, sampler=strategy, num_workers=num_workers, env=env, seed=7, **options
     )
+    if epoch_hint is not None:
+        loader.set_epoch(epoch_hint)
+    return loader
 
 
-def indices(batches) -> list[list[int]]:
-    return [b["_index"].tolist() for b in batches]
+def indices(loader: hl.Loader) -> list[list[int]]:
+    """The rows of each batch of one pass, read from the data and checked against ``loader.indexed()``."""
+    out = []
+    for rows, batch in loader.indexed():
+        assert batch["row"].tolist() == rows
+        out.append(rows)
+    return out
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -299,3 +319,111 @@ def test_in_process_fetch_equals_the_dataloader_path(strategy):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert fast.state_dict() == slow.state_dict()
     assert fast.padding.real_tokens == slow.padding.real_tokens
+
+
+@pytest.mark.parametrize("strategy", ["random", "tokens", "weighted"])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_batches_left_counts_the_next_pass_without_reading_data(strategy, world_size):
+    env = hl.DistEnv(rank=world_size - 1, world_size=world_size)
+    loader = build(strategy, env=env)
+    assert loader.batches_left() == len(loader) == len(indices(build(strategy, env=env)))
+    for taken, _ in enumerate(loader, 1):
+        if taken == 3:
+            break
+    resumed = build(strategy, env=env)
+    resumed.load_state_dict(loader.state_dict(consumed=2))
+    assert resumed.batches_left() == len(indices(resumed)) == len(loader) - 2
+    assert resumed.batches_left() == len(indices(build(strategy, env=env, epoch_hint=1)))  # next epoch, full
+    elastic = build(strategy, env=hl.DistEnv(rank=0, world_size=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # another global batch
+        elastic.load_state_dict(loader.state_dict(consumed=2))
+    if strategy != "tokens" or world_size == 1:  # (token budgets: 2 ranks' batches are other batches)
+        assert elastic.batches_left() == len(indices(elastic))
+
+
+def test_batches_left_is_none_for_a_stream(tmp_path):
+    loader = hl.make_loader(_stream(tmp_path), batch_size=4)
+    assert loader.batches_left() is None
+
+
+def test_data_identity_names_the_data_and_strategy_not_the_topology(tmp_path):
+    import json
+
+    def identity(ds, **kw):
+        return hl.make_loader(hl.MapDataset(ds), batch_size=4, seed=7, **kw).data_identity()
+
+    same = identity(tokenized(), env=hl.DistEnv(rank=1, world_size=2))
+    assert (
+        same == identity(tokenized()) == json.loads(json.dumps(same))
+    )  # re-created the same way; plain JSON
+    assert same["rows"] == N and same["strategy"] == "RandomSampler(seed=7)" and same["fingerprint"]
+    other = Dataset.from_dict({**tokenized().to_dict(), "label": [0] * N})  # same size, other content
+    assert identity(other) != same
+    assert identity(tokenized(), sampler="sequential") != same
+    plain = hl.make_loader(list(range(10)), batch_size=2, collate_fn=lambda b: b).data_identity()
+    assert plain["fingerprint"] is None and plain["rows"] == 10
+    stream = hl.make_loader(_stream(tmp_path), batch_size=4).data_identity()
+    assert stream == hl.make_loader(_stream(tmp_path), batch_size=4, num_workers=2).data_identity()
+    assert stream["sources"][0]["files"] == ["part-0.parquet", "part-1.parquet"]
+    assert stream["sources"][0]["counts"] == [20, 20] and json.loads(json.dumps(stream)) == stream
+    (tmp_path / "part-1.parquet").unlink()
+    tokenized().select(range(20, 45)).to_parquet(str(tmp_path / "part-1.parquet"))
+    from datasets import load_dataset
+
+    files = sorted(str(p) for p in tmp_path.glob("part-*.parquet"))
+    changed = hl.StreamDataset(load_dataset("parquet", data_files=files, split="train", streaming=True))
+    assert hl.make_loader(changed, batch_size=4).data_identity() != stream
+
+
+@pytest.mark.parametrize("strategy", ["random", "tokens"])
+def test_unpadded_twin_reads_every_row_once_and_leaves_the_loader_alone(strategy):
+    world = 4
+    loaders = [build(strategy, env=hl.DistEnv(rank=r, world_size=world), batch_size=4) for r in range(world)]
+    before = [loader.state_dict() for loader in loaders]
+    shares = [indices(loader.unpadded()) for loader in loaders]
+    rows = [i for share in shares for batch in share for i in batch]
+    assert sorted(rows) == list(range(N))  # no padding duplicates
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # at most one batch apart
+    assert [loader.state_dict() for loader in loaders] == before and loaders[0].unpadded() is loaders[
+        0
+    ].unpadded()
+    padded = [i for loader in loaders for batch in indices(loader) for i in batch]
+    assert len(padded) > N  # the training loaders still pad to equal lengths
+    single = build(strategy)
+    assert single.unpadded() is single
+
+
+def test_a_plain_module_takes_model_batch_as_keyword_arguments():
+    # The hand loop everyone writes first: model(**batch) on a module with explicit forward arguments.
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.EmbeddingBag(64, 8, mode="sum")
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask, labels, row):
+            logits = self.head(self.embed(input_ids, per_sample_weights=attention_mask.float()))
+            return torch.nn.functional.cross_entropy(logits, labels)
+
+    model = Classifier()
+    for batch in build("random"):
+        model(**batch).backward()
+    assert model.head.weight.grad is not None
+
+
+def test_make_loader_options_are_typed():
+    ds = hl.MapDataset(tokenized())
+    with pytest.raises(TypeError, match="drop_last must be True or False, got str 'False'"):
+        hl.make_loader(ds, batch_size=4, drop_last="False")
+    with pytest.raises(TypeError, match="batch_size must be an int, got float 4.0"):
+        hl.make_loader(ds, batch_size=4.0)
+    with pytest.raises(TypeError, match="num_workers must be an int, got str '2'"):
+        hl.make_loader(ds, batch_size=4, num_workers="2")
+    with pytest.raises(TypeError, match="replacement must be True or False, got str 'False'"):
+        hl.make_loader(ds, batch_size=4, sampler="weighted", weights=[1.0] * N, replacement="False")
+    with pytest.raises(TypeError, match="epoch must be an int"):
+        build("random").set_epoch("1")
+    ranked = hl.DistributedSampler(hl.RandomSampler(N), num_replicas=4, rank=1)
+    with pytest.raises(ValueError, match="rank 1 of 4 but env is rank 0 of 2; pass the global sampler"):
+        hl.make_loader(ds, batch_size=4, sampler=ranked, env=hl.DistEnv(rank=0, world_size=2))

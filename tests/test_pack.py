@@ -69,8 +69,12 @@ def test_errors_name_the_problem():
         )
     with pytest.raises(ValueError, match="builds position_ids itself"):
         hl.PackCollator()([{"input_ids": [1], "position_ids": [0]}])
-    with pytest.raises(ValueError, match="max_length must be a positive int"):
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         hl.PackCollator(max_length=0)
+    with pytest.raises(TypeError, match="truncate must be True or False, got str 'False'"):
+        hl.PackCollator(truncate="False")
+    with pytest.raises(TypeError, match="pad_value must be an int, got float 0.0"):
+        hl.PackCollator(pad_value=0.0)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -144,9 +148,9 @@ def test_packs_arrow_batches_from_map_dataset():
     from datasets import Dataset
 
     ds = Dataset.from_dict(
-        {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]]}
+        {"input_ids": [[5, 6, 7], [8], [9, 10]], "attention_mask": [[1, 1, 1], [1], [1, 1]], "row": [0, 1, 2]}
     )
     out = hl.PackCollator()(hl.MapDataset(ds).__getitems__([2, 0]))
     assert out["input_ids"].tolist() == [[9, 10, 5, 6, 7]]
     assert out["labels"].tolist() == [[-100, 10, -100, 6, 7]]
-    assert out["_index"].tolist() == [2, 0] and "attention_mask" not in out
+    assert out["row"].tolist() == [2, 0] and "attention_mask" not in out

@@ -126,8 +126,12 @@ def test_samplers_never_touch_the_global_rng():
     assert (torch.rand(1), np.random.rand()) == expected
 
 
-def test_module_examples_run():
-    assert doctest.testmod(hs).failed == 0
+@pytest.mark.parametrize("module", ["_base", "basic", "distributed", "length", "strategy"])
+def test_module_examples_run(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"hf_loop.samplers.{module}"))
+    assert result.failed == 0 and result.attempted > 0  # a module without examples would pass unseen
 
 
 # --- length grouping and token budgets ---------------------------------------------------------------------
@@ -301,6 +305,22 @@ def test_split_from_any_start_property(n, world, start, drop_last, kind):
     assert interleave(streams) == expected
 
 
+@pytest.mark.parametrize("kind", ["random", "tokens"])
+def test_unpadded_split_reads_every_item_once_with_shares_one_apart(kind):
+    for n in (1, 3, 7, 20):
+        inner = make(kind, n)
+        full = items(inner.order(0))
+        for world in range(1, 9):
+            shares = [
+                hs.DistributedSampler(inner, num_replicas=world, rank=r, pad=False) for r in range(world)
+            ]
+            streams = [list(s) for s in shares]
+            assert [len(s) for s in streams] == [len(s) for s in shares]
+            assert max(map(len, streams)) - min(map(len, streams)) <= 1
+            merged = [s[j] for j in range(len(streams[0])) for s in streams if j < len(s)]
+            assert merged == full  # each item exactly once, in the global order
+
+
 def test_set_epoch_reaches_the_inner_sampler_and_changes_every_rank():
     inner = hs.RandomSampler(20, seed=0)
     rank0 = hs.DistributedSampler(inner, num_replicas=2, rank=0)
@@ -463,6 +483,23 @@ def test_bad_distributed_arguments_are_refused():
     twice = hs.DistributedSampler(hs.RandomSampler(4), num_replicas=2, rank=0)
     with pytest.raises(TypeError, match="already a DistributedSampler: wrap the global sampler once"):
         hs.DistributedSampler(twice, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="drop_last=True cuts .* pad=False leaves the shares uneven"):
+        hs.DistributedSampler(hs.RandomSampler(4), num_replicas=2, rank=0, drop_last=True, pad=False)
+
+
+def test_boolean_options_refuse_strings_and_numbers_instead_of_coercing_them():
+    # bool("False") is True: torch raises on replacement="False" / drop_last="False", so do we
+    with pytest.raises(TypeError, match="replacement must be True or False, got str 'False'"):
+        hs.WeightedSampler([1.0, 2.0], replacement="False")
+    with pytest.raises(TypeError, match="drop_last must be True or False, got str 'False'"):
+        hs.DistributedSampler(hs.RandomSampler(4), num_replicas=2, rank=0, drop_last="False")
+    with pytest.raises(TypeError, match="shuffle must be True or False, got int 0"):
+        hs.SubsetSampler([0, 1], shuffle=0)
+    with pytest.raises(TypeError, match="longest_first must be True or False, got NoneType None"):
+        hs.LengthGroupedSampler([1, 2], 1, longest_first=None)
+    with pytest.raises(TypeError, match="seed must be an int, got str '3'"):
+        hs.RandomSampler(4, seed="3")
+    assert hs.WeightedSampler([1.0, 2.0], replacement=np.bool_(False)).replacement is False
 
 
 def test_states_from_another_sampler_are_refused_naming_what_differs():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import hf_loop as hl
-from hf_loop.stream.reader import TAIL
-from tests.test_stream import hf_stream, ids_of, simulate, write_shards
+from hf_loop.stream.protocol import Kind, ReaderPosition
+from tests.test_stream import hf_stream, ids_of, simulate, unsized_stream, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,9 @@ def test_every_recorded_position_restarts_a_mixed_reader_exactly(mix_sets):
     for local in range(2):
         items = [(ids_of(rows), meta) for rows, meta in bound._batches(local, 0)]
         for k, (_, meta) in enumerate(items):
-            if meta[2] != TAIL:
-                again = [ids_of(rows) for rows, _ in bound._batches(local, 0, tuple(meta[3:]))]
+            if meta.kind != Kind.TAIL:
+                position = ReaderPosition.from_flat(meta.position)
+                again = [ids_of(rows) for rows, _ in bound._batches(local, 0, position)]
                 assert again == [ids for ids, _ in items[k + 1 :]], (local, k)
 
 
@@ -80,7 +81,30 @@ def test_mixing_errors(mix_sets, tmp_path):
     with pytest.raises(hl.DataError, match=r"need the same columns.*\['id'\]"):
         hl.StreamDataset([hf_stream(a), hf_stream(b).select_columns(["id"])])
     tiny = hl.StreamDataset(
-        [hf_stream(a), hf_stream(write_shards(tmp_path, [3], first_id=500))]
-    )  # 1 row group
+        [hf_stream(a), unsized_stream(write_shards(tmp_path, [3], first_id=500))]
+    )  # 1 row group of unknown size
     with pytest.raises(hl.DataError, match=r"mix source 1: the stream has 1 shard\(s\)"):
         tiny.bind(batch_size=2, num_workers=2)
+
+
+def test_stream_datasets_mix_like_the_streams_they_wrap(mix_sets):
+    # README: hl.StreamDataset([stream_a, stream_b], weights=...) with StreamDataset items
+    a, b = mix_sets
+    plain = hl.StreamDataset([hf_stream(a), hf_stream(b)], weights=[1, 3], shuffle_buffer=20, seed=0)
+    wrapped = hl.StreamDataset(
+        [hl.StreamDataset(hf_stream(a)), hl.StreamDataset(hf_stream(b))],
+        weights=[1, 3],
+        shuffle_buffer=20,
+        seed=0,
+    )
+    assert simulate(wrapped, 2, 1, batch_size=4) == simulate(plain, 2, 1, batch_size=4)
+    same_options = hl.StreamDataset(
+        [hl.StreamDataset(hf_stream(a), shuffle_buffer=20), hf_stream(b)], weights=[1, 3], shuffle_buffer=20
+    )
+    assert len(same_options.sources) == 2
+    with pytest.raises(
+        ValueError, match=r"item 0 is a StreamDataset built with its own .*options.*weights=\.\.\."
+    ):
+        hl.StreamDataset([hl.StreamDataset(hf_stream(a), transform=lambda x: x), hf_stream(b)])
+    with pytest.raises(ValueError, match="item 1 is itself a weighted mix"):
+        hl.StreamDataset([hf_stream(a), plain])

@@ -7,7 +7,7 @@ import torch
 
 import hf_loop as hl
 from tests.distributed import run_distributed
-from tests.test_stream import hf_stream, sizes_for, write_shards
+from tests.test_stream import hf_stream, sizes_for, unsized_stream, write_shards
 
 SIZES = [13, 7, 22, 9, 17]  # uneven shards, row groups of 4
 
@@ -51,6 +51,28 @@ def test_resume_yields_exactly_the_batches_not_consumed(files, num_workers):
             assert ids(resumed) == ids(reference)
         else:
             assert ids(resumed) == full[cut:], cut
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_state_taken_at_the_last_batch_inside_the_loop_resumes_at_the_next_epoch(files, num_workers):
+    # torchdata's end-of-epoch case: the loop saves right after its last step, before the iterator is exhausted
+    loader = loader_for(files, num_workers)
+    total = len(ids(loader_for(files, num_workers)))
+    for k, _ in enumerate(loader, 1):
+        if k == total:
+            state = loader.state_dict()
+            break
+    assert state["epoch"] == 1 and state["positions"] == [[0, 0, 0, 0]] * max(num_workers, 1)
+    resumed = loader_for(files, num_workers)
+    resumed.load_state_dict(state)
+    expected = loader_for(files, num_workers)
+    expected.set_epoch(1)
+    assert ids(resumed) == ids(expected)  # the whole next epoch, not an empty pass
+    earlier = loader_for(files, num_workers)
+    for k, _ in enumerate(earlier, 1):
+        if k == total - 1:  # one batch before the end: still this epoch
+            assert earlier.state_dict()["epoch"] == 0
+            break
 
 
 def test_resume_twice_and_with_persistent_workers(files):
@@ -116,30 +138,58 @@ def test_state_is_plain_and_loads_with_weights_only(files, tmp_path):
     assert ids(resumed) == ids(loader_for(files, 2))[2:]
 
 
-def _even_steps_on_two_ranks(env, files):
-    stream = hl.StreamDataset(hf_stream(files), shuffle_buffer=8, seed=0)
-    # num_workers=0: under a spawned rank DataLoader workers would spawn too (seconds of imports each)
-    loader = hl.make_loader(stream, batch_size=4, env=env, num_workers=0, collate_fn=hl.PadCollator())
-    own = sum(len(b["id"]) for b in loader)  # this rank's share: the shards are uneven
-    steps = hl.even_steps(loader, env)
-    for batch in steps:
-        total = torch.tensor([len(batch["id"])])
-        torch.distributed.all_reduce(total)  # a collective every step: an extra step on one rank would hang
-    return {"steps": steps.steps, "own": own, "left": steps.leftover_examples}
+def _epochs_with_even_steps(env, files, sized: bool, num_workers: int, batch_size: int, epochs: int) -> dict:
+    """Epochs under even_steps (whose per-step all-reduce would hang if one rank ran an extra step): the ids
+    each step used, the steps, and the reported unread counts."""
+    stream = hl.StreamDataset((hf_stream if sized else unsized_stream)(files), shuffle_buffer=64, seed=0)
+    # fork: a spawned rank would otherwise spawn its workers too (seconds of imports each)
+    workers = {"multiprocessing_context": "fork", "persistent_workers": True} if num_workers else {}
+    loader = hl.make_loader(stream, batch_size=batch_size, env=env, num_workers=num_workers, **workers)
+    out = {"used": [], "steps": [], "unread": [], "mine": []}
+    for _ in range(epochs):
+        steps = hl.even_steps(loader, env)
+        used = []
+        for batch in steps:
+            used += batch["id"].tolist()
+        out["used"].append(used)
+        out["steps"].append(steps.steps)
+        out["unread"].append(steps.unread_examples)
+        out["mine"].append(steps.leftover_examples)
+    out["cumulative"] = loader.unread_examples
+    return out
 
 
-def test_even_steps_on_two_real_ranks_with_uneven_shards(tmp_path):
-    files = write_shards(tmp_path, [40, 4, 4])  # rank 0 gets 40 examples, rank 1 gets 8
-    results = run_distributed(_even_steps_on_two_ranks, world_size=2, args=(files,))
-    assert results[0]["steps"] == results[1]["steps"] == 2
-    big, small = sorted(results, key=lambda r: -r["own"])
-    assert (big["own"], small["own"]) == (40, 8)
-    assert (big["left"], small["left"]) == (4, 0)  # the rank with data left stopped with a batch in hand
+def _even_steps_cases(env, uneven: list[str], small: list[str]) -> dict:
+    torch.set_num_threads(1)
+    return {
+        # the issue's 8 uneven files (row groups of 500), 2 ranks x 2 workers, batch 8
+        "balanced": _epochs_with_even_steps(env, uneven, sized=True, num_workers=2, batch_size=8, epochs=1),
+        # sizes unknown: whole shards are dealt (40 + 4 rows on one rank, 4 on the other)
+        "dealt": _epochs_with_even_steps(env, small, sized=False, num_workers=0, batch_size=4, epochs=2),
+    }
+
+
+def test_even_steps_on_two_real_ranks_counts_unread_examples_exactly(tmp_path):
+    uneven = write_shards(tmp_path / "a", [213, 3502, 890, 1200, 455, 640, 700, 400], row_group=500)
+    small = write_shards(tmp_path / "b", [40, 4, 4])
+    ranks = run_distributed(_even_steps_cases, world_size=2, args=(uneven, small))
+    for case, total in (("balanced", 8000), ("dealt", 48)):
+        r0, r1 = ranks[0][case], ranks[1][case]
+        assert r0["steps"] == r1["steps"]  # equal steps in every epoch
+        for epoch in range(len(r0["steps"])):
+            used = r0["used"][epoch] + r1["used"][epoch]
+            assert len(used) == len(set(used))  # no duplicates
+            unread = total - len(used)
+            assert r0["unread"][epoch] == r1["unread"][epoch] == unread  # reported == real, on every rank
+            assert r0["mine"][epoch] + r1["mine"][epoch] == unread
+        assert r0["cumulative"] == r1["cumulative"] == sum(r0["unread"])
+    assert max(ranks[0]["balanced"]["unread"]) <= 2 * 2 * 8  # at most a batch per reader
+    assert min(ranks[0]["dealt"]["unread"]) >= 32  # whole shards of unknown size: 40 rows vs 8, or 44 vs 4
 
 
 def test_plan_examples_match_the_sizes(files):
     plan = hl.StreamDataset(hf_stream(files)).plan(num_workers=2, world_size=3)
-    assert plan.mode == "row groups"
+    assert plan.mode == "rows"
     assert sum(r.examples for r in plan.readers) == sum(sizes_for(0)) + sum(SIZES)
 
 
@@ -208,14 +258,14 @@ def test_positions_stay_exact_when_old_records_are_folded(files, monkeypatch):
 def test_tail_payloads_survive_pin_memory(files):
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    from hf_loop.stream.reader import TAIL
+    from hf_loop.stream.protocol import Kind
 
     bound = hl.StreamDataset(hf_stream(files)).bind(batch_size=5)
     collate = bound.wrap_collate(hl.PadCollator())
-    tail = next(item for item in bound._batches(0, 0) if item[1][2] == TAIL)
+    tail = next(item for item in bound._batches(0, 0) if item[1].kind == Kind.TAIL)
     data, meta = pin_memory(collate(tail))  # no tensors in a tail: nothing needs a GPU here
     assert isinstance(data, dict) and data["id"].to_pylist() == tail[0].columns["id"].to_pylist()
-    assert list(meta) == list(tail[1])
+    assert (meta.reader, meta.epoch, meta.kind, meta.rows) == tail[1][:4]
 
 
 def test_spawned_persistent_workers_see_each_epoch(files):
@@ -257,3 +307,32 @@ def test_hub_folder_stream_with_a_tokenizing_transform(hub_folder, tokenizer):
     assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == expected
     list(plain)
     assert loader.padding.waste < plain.padding.waste - 0.1  # bucketed within each window of 24
+
+
+def test_resume_at_the_agreed_epoch_restarts_a_rank_that_still_had_data(tmp_path):
+    # The loop's rule under even_steps: a rank that ran dry saved "next epoch", a rank with data left saved a
+    # mid-epoch position; on resume every rank calls set_epoch(max of the saved epochs) and starts it fresh.
+    files = write_shards(tmp_path, [40, 4, 4])
+
+    def rank(r: int) -> hl.Loader:
+        stream = hl.StreamDataset(unsized_stream(files), seed=2)  # whole shards: 44 rows vs 4
+        return hl.make_loader(stream, batch_size=4, env=hl.DistEnv(rank=r, world_size=2))
+
+    loaders = [rank(0), rank(1)]
+    short = min(range(2), key=lambda r: len(ids(rank(r))))
+    steps = len(ids(rank(short)))
+    states = []
+    for loader in loaders:
+        for k, _ in enumerate(loader, 1):
+            if k == steps:  # the ranks stop together after the short rank's last batch
+                states.append(loader.state_dict())
+                break
+    assert states[short]["epoch"] == 1 and states[1 - short]["epoch"] == 0
+    agreed = max(state["epoch"] for state in states)
+    for r in range(2):
+        resumed = rank(r)
+        resumed.load_state_dict(states[r])
+        resumed.set_epoch(agreed)
+        fresh = rank(r)
+        fresh.set_epoch(agreed)
+        assert ids(resumed) == ids(fresh)  # epoch 1 from its start on both ranks

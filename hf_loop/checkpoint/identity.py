@@ -49,29 +49,13 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def data_identity(loader: Any) -> dict[str, Any]:
-    """The loader's own ``data_identity()`` when it has one; else the dataset's size and the sampling strategy."""
+    """The loader's ``data_identity()`` (an ``hl.Loader``: the dataset's content fingerprint, rows, columns and
+    sampling strategy, or a stream's files and sizes); for any other loader, the dataset's size only."""
     if hasattr(loader, "data_identity"):
         return dict(loader.data_identity())
     dataset = getattr(loader, "dataset", None)
     sized = hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset)
-    state = loader.state_dict() if hasattr(loader, "state_dict") else None
-    fingerprint = getattr(
-        getattr(dataset, "ds", None), "_fingerprint", None
-    )  # a MapDataset over an HF Dataset
-    return {"rows": len(dataset) if sized else None, "fingerprint": fingerprint, "strategy": strategy(state)}
-
-
-def strategy(state: Any) -> str:
-    """The sampling strategy and its seed from a loader state, e.g. "map/RandomSampler(seed=0)".
-
-    The DistributedSampler layer is left out on purpose: a run saved on 2 ranks may resume on 1 (elastic).
-    """
-    kinds: list[str] = []
-    while isinstance(state, Mapping):
-        if state.get("kind") not in (None, "DistributedSampler"):
-            kinds.append(f"{state['kind']}" + (f"(seed={state['seed']})" if "seed" in state else ""))
-        state = state.get("sampler", state.get("inner"))
-    return "/".join(kinds)
+    return {"rows": len(dataset) if sized else None}
 
 
 def run_identity(model: torch.nn.Module, loader: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

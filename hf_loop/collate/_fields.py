@@ -131,6 +131,8 @@ def _read_lists(name: str, rows: list) -> _Ragged | _Arrays | _PassThrough:
             buffer.fromlist(row) if isinstance(row, list) else buffer.extend(row)
     except TypeError:
         raise _find_bad(name, rows, kind) from None
+    except OverflowError:  # a Python int beyond int64
+        raise _too_large(name, max((v for row in rows for v in row), key=abs)) from None
     return _Ragged(lengths, np.frombuffer(buffer, dtype=np.int64 if kind == "int" else np.float64))
 
 
@@ -259,10 +261,50 @@ def _read_python(name: str, values: list) -> Any:
         raise _find_bad(name, values, kind if kind in _NUMERIC else next(iter(kinds)))
     if isinstance(first, torch.Tensor):
         return _Stack(torch.stack(values).numpy(force=True))
+    if type(first) is int:  # Python ints: int64, never the float64 numpy picks when one exceeds it
+        try:
+            return _Stack(np.array(values, dtype=np.int64))
+        except OverflowError:
+            raise _too_large(name, max(values, key=abs)) from None
     return _Stack(np.array(values))  # numpy scalars keep their dtype
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _too_large(name: str, value: Any) -> ValueError:
+    return ValueError(
+        f"field {name!r} holds {value}, above int64's maximum {_INT64_MAX}: torch has no uint64 batches, so it "
+        "would wrap to a negative number. Keep such ids as strings, or map them below 2**63"
+    )
+
+
+def _fits_int64(name: str, field: Any) -> Any:
+    """``field``, after checking that unsigned 64-bit values fit the int64 tensors they become (one dtype check
+    per field on the hot path)."""
+    kind = type(field)
+    if kind is _Ragged:
+        arrays: Any = (field.flat,)
+    elif kind is _Stack:
+        arrays = (field.values,)
+    elif kind is _Arrays:
+        arrays = field.rows
+    else:
+        return field
+    for values in arrays:
+        code = values.dtype.kind
+        if code == "u" and values.dtype.itemsize == 8 and values.size and values.max() > _INT64_MAX:
+            raise _too_large(name, int(values.max()))
+        if code == "O" and values.size:  # Python ints beyond 64 bits, or mixed with huge ones
+            raise _too_large(name, max(values.tolist(), key=lambda v: abs(int(v))))
+    return field
+
+
 def _read(name: str, values: Any) -> Any:
+    return _fits_int64(name, _read_any(name, values))
+
+
+def _read_any(name: str, values: Any) -> Any:
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return _read_arrow(name, values)
     if isinstance(values, torch.Tensor):

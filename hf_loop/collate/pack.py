@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_loop.checks import boolean, integer, optional_integer
 from hf_loop.collate._arrays import LABEL_PAD, _out_dtype, _row_mask, _truncate
 from hf_loop.collate._fields import _all_ones, _PassThrough, _Ragged, _read, _rows_of, _Stack
 
@@ -35,7 +36,7 @@ class PackCollator:
     for every sequence; ``labels`` are a copy of ``input_ids`` when the batch has none, and -100 at the first token
     of every sequence (so no sequence learns to predict another's start); ``cu_seq_lens_q``/``cu_seq_lens_k``
     (int32 boundaries over the flattened rows) and ``max_length_q``/``max_length_k`` for FlashAttention. Fields
-    aligned with ``input_ids`` (one value per token) are packed the same way; per-sequence fields (``_index``,
+    aligned with ``input_ids`` (one value per token) are packed the same way; per-sequence fields (ids,
     scalars, strings) are listed in packed order. An all-ones ``attention_mask`` is dropped.
 
     transformers keeps packed sequences apart by ``position_ids`` only when no attention mask is passed and no
@@ -56,8 +57,9 @@ class PackCollator:
     pad_value: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {self.max_length!r}")
+        optional_integer("max_length", self.max_length, minimum=1)
+        boolean("truncate", self.truncate)
+        integer("pad_value", self.pad_value)
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         columns, n = _rows_of(batch)

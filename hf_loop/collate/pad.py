@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_loop.checks import optional_integer
 from hf_loop.collate._arrays import LABEL_PAD, _all_ones_flat, _check_pad, _out_dtype, _row_mask, _truncate
 from hf_loop.collate._fields import _all_ones, _Arrays, _PassThrough, _Ragged, _read, _rows_of, _Stack
 
@@ -56,9 +57,11 @@ class PadCollator:
             if getattr(self, side_name) not in ("left", "right"):
                 raise ValueError(f"{side_name} must be 'left' or 'right', got {getattr(self, side_name)!r}")
         for opt in ("pad_to_multiple_of", "max_length"):
-            value = getattr(self, opt)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{opt} must be a positive int or None, got {value!r}")
+            optional_integer(opt, getattr(self, opt), minimum=1)
+        if self.attention_mask is not None and not isinstance(self.attention_mask, str):
+            raise TypeError(
+                f"attention_mask must be a field name (or None to build no mask), got {self.attention_mask!r}"
+            )
         max_length, multiple = self.max_length, self.pad_to_multiple_of
         if max_length and multiple and max_length % multiple:
             raise ValueError(

@@ -1,19 +1,24 @@
-"""Map-style adapter: a Hugging Face ``datasets.Dataset`` as a fast torch ``Dataset`` (:class:`MapDataset`,
-:func:`to_torch`), and the batch type both adapters yield (:class:`Columns`).
+"""Map-style adapter: a Hugging Face ``datasets.Dataset`` as a fast torch ``Dataset`` (:class:`MapDataset`), and
+what both adapters share: the batch type (:class:`Columns`) and the per-batch work (:class:`BatchTransform`).
 
-Modules: ``columns`` (:class:`Columns` and column helpers), ``transform`` (transform checks shared with
-``hf_loop.stream``), ``arrow`` (the Arrow cache, gathering rows with one read, row lengths from offsets),
-``dataset`` (:class:`MapDataset` and :func:`to_torch`).
+Modules: ``columns`` (:class:`Columns`, :func:`column_len`), ``transform`` (:class:`BatchTransform`: transform,
+rename, column selection), ``arrow`` (the Arrow cache, gathering rows with one read, :func:`arrow_lengths`),
+``dataset`` (:class:`MapDataset`). ``hf_loop.stream`` imports from here; nothing here imports it.
 """
 
-# ``_name as _name``: private helpers re-exported for the modules that import them from here (hf_loop.stream).
-from hf_loop.data.arrow import _arrow_lengths as _arrow_lengths
-from hf_loop.data.columns import INDEX_KEY, Columns
-from hf_loop.data.columns import _column_len as _column_len
-from hf_loop.data.dataset import MapDataset, to_torch
-from hf_loop.data.transform import Transform
-from hf_loop.data.transform import _describe as _describe
-from hf_loop.data.transform import _pickle_problem as _pickle_problem
-from hf_loop.data.transform import _takes_rng as _takes_rng
+from hf_loop.data.arrow import arrow_lengths
+from hf_loop.data.columns import Columns, column_len
+from hf_loop.data.dataset import MapDataset
+from hf_loop.data.transform import BatchTransform, Transform, describe, pickle_problem, takes_rng
 
-__all__ = ["INDEX_KEY", "Columns", "MapDataset", "Transform", "to_torch"]
+__all__ = [
+    "BatchTransform",
+    "Columns",
+    "MapDataset",
+    "Transform",
+    "arrow_lengths",
+    "column_len",
+    "describe",
+    "pickle_problem",
+    "takes_rng",
+]

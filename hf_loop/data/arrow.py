@@ -142,8 +142,13 @@ def read_rows(cache: dict[str, Any], rows: np.ndarray) -> dict[str, pa.Array]:
     return {name: out[name] for name in cache["table"].column_names}
 
 
-def _arrow_lengths(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """Row lengths of a list or string column, chunk by chunk, from offsets (nulls count as length 0)."""
+def arrow_lengths(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
+    """Row lengths of a list or string column, chunk by chunk, from offsets (nulls count as length 0).
+
+    Example:
+        >>> arrow_lengths(pa.array([[1, 2], [], None, [3]]), "input_ids").tolist()
+        [2, 0, 0, 1]
+    """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     if not chunks:
         return np.zeros(0, dtype=np.int64)

@@ -8,8 +8,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-INDEX_KEY = "_index"  # the column of global row indices every batch carries
-
 
 def _readonly(*_args: Any, **_kwargs: Any) -> None:
     raise TypeError(
@@ -17,7 +15,8 @@ def _readonly(*_args: Any, **_kwargs: Any) -> None:
     )
 
 
-def _column_len(values: Any) -> int:
+def column_len(values: Any) -> int:
+    """Rows in a column: the first axis of an array or tensor, else ``len``."""
     shape = getattr(values, "shape", None)  # numpy arrays and torch tensors: rows are the first axis
     return int(shape[0]) if shape is not None and len(shape) > 0 else len(values)
 
@@ -52,7 +51,7 @@ class Columns(list):
     def __init__(self, columns: Mapping[str, Any], num_rows: int | None = None) -> None:
         super().__init__()
         self.columns: dict[str, Any] = dict(columns)
-        lengths = {name: _column_len(values) for name, values in self.columns.items()}
+        lengths = {name: column_len(values) for name, values in self.columns.items()}
         if num_rows is None:
             num_rows = next(iter(lengths.values()), 0)
         wrong = {name: n for name, n in lengths.items() if n != num_rows}
@@ -62,9 +61,14 @@ class Columns(list):
         self._filled = False
 
     @classmethod
-    def _of(cls, columns: dict[str, Any], num_rows: int) -> Columns:
-        """Internal: wrap ``columns`` (a fresh dict the caller hands over) already known to hold ``num_rows``
-        values each, without re-measuring every column: the per-batch path of MapDataset and StreamDataset."""
+    def of(cls, columns: dict[str, Any], num_rows: int) -> Columns:
+        """Wrap ``columns`` (a fresh dict the caller hands over) already known to hold ``num_rows`` values each,
+        without re-measuring every column: the per-batch path of MapDataset and StreamDataset.
+
+        Example:
+            >>> len(Columns.of({"x": [1, 2, 3]}, 3))
+            3
+        """
         batch = cls.__new__(cls)
         batch.columns, batch._n, batch._filled = columns, num_rows, False
         return batch

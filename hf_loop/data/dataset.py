@@ -7,17 +7,17 @@ offsets, when there is no transform) for :class:`hf_loop.PadCollator`'s vectoris
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from torch.utils.data import Dataset as TorchDataset
 
-from hf_loop.data.arrow import _arrow_lengths, arrow_cache, read_rows
-from hf_loop.data.columns import INDEX_KEY, Columns, _column_len
-from hf_loop.data.options import _checked_options
-from hf_loop.data.transform import Transform, _describe, _pickle_problem, _takes_rng
+from hf_loop.checks import integer
+from hf_loop.data.arrow import arrow_cache, arrow_lengths, read_rows
+from hf_loop.data.columns import Columns
+from hf_loop.data.transform import BatchTransform, Transform
 from hf_loop.errors import DataError
 
 
@@ -31,7 +31,7 @@ class MapDataset(TorchDataset):
             parameter, ``fn(batch, rng)``, also gets a ``numpy.random.Generator`` seeded from (seed, epoch, global
             position of the batch), so random augmentation is reproducible and survives a resume.
         columns: the columns to keep, chosen AFTER the transform (so a column the transform reads is never
-            dropped first). None keeps all. The ``_index`` column (global row index) is always added.
+            dropped first). None keeps all.
         seed: seeds the transform's Generator when the batch does not carry its own key (a plain DataLoader).
         rename_label: rename a ``label`` column to ``labels``, the name transformers models expect.
 
@@ -40,7 +40,7 @@ class MapDataset(TorchDataset):
         >>> ds = MapDataset(Dataset.from_dict({"input_ids": [[5, 6, 7], [8]], "label": [0, 1]}))
         >>> batch = ds.__getitems__([1, 0])
         >>> batch[0]
-        {'input_ids': [8], 'labels': 1, '_index': 1}
+        {'input_ids': [8], 'labels': 1}
         >>> ds.lengths().tolist()
         [3, 1]
     """
@@ -66,28 +66,28 @@ class MapDataset(TorchDataset):
                 "this dataset has a set_transform/with_transform function, which MapDataset would bypass (it reads "
                 "the Arrow data itself); pass the function as MapDataset(ds.with_format(None), transform=fn)"
             )
-        columns = _checked_options(transform, columns)
+        # A transform that cannot be pickled is reported when the dataset is pickled: a lambda is fine with
+        # num_workers=0 or fork workers, and a spawned worker gets an error that names the function.
+        self.batch_transform = BatchTransform(transform, columns, rename_label)
         self.ds = ds
         self._len = len(ds)  # datasets' __len__ is slow enough to show per batch
-        self.transform = transform
-        self.columns = columns
-        self.seed = seed
-        self.rename_label = rename_label
-        self._with_rng = transform is not None and _takes_rng(transform)
-        # Checked now, raised when the dataset is pickled: a lambda is fine with num_workers=0 or fork workers,
-        # and a spawned worker gets an error that names the function instead of pickle's AttributeError.
-        self._pickle_problem = _pickle_problem(transform)
+        self.seed = integer("seed", seed, 0)
         format_columns = ds.format["columns"]
         self._source_columns = list(ds.column_names if ds.format["output_all_columns"] else format_columns)
-        if transform is None and self.columns is not None:
-            self._select(dict.fromkeys(self._renamed(self._source_columns)))  # fail fast: names are known now
+        self.batch_transform.source_columns(self._source_columns)  # fail fast: the names are known now
         self._cache: dict[str, Any] | None = None
+
+    @property
+    def transform(self) -> Transform | None:
+        return self.batch_transform.transform
+
+    @property
+    def columns(self) -> list[str] | None:
+        return self.batch_transform.columns
 
     # --- pickling: the HF dataset, the transform and the options; never the derived caches ---
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._pickle_problem is not None:
-            raise TypeError(self._pickle_problem)
         state = self.__dict__.copy()
         state["_cache"] = None
         return state
@@ -134,75 +134,25 @@ class MapDataset(TorchDataset):
     def __getitems__(self, indices: Sequence[int]) -> Columns:
         """Rows ``indices`` as one :class:`Columns` batch: one Arrow read, one transform call."""
         idx = self._global_indices(indices)
-        batch = self._select(self._fetch(idx, getattr(indices, "rng_key", None)))
-        batch[INDEX_KEY] = idx
-        return Columns._of(batch, len(idx))  # every column was read (or checked after the transform) for idx
+        batch = self.batch_transform.select(self._fetch(idx, getattr(indices, "rng_key", None)))
+        return Columns.of(batch, len(idx))  # every column was read (or checked after the transform) for idx
 
     def _fetch(self, idx: np.ndarray, rng_key: Any) -> dict[str, Any]:
         """The transformed, renamed columns of dataset rows ``idx`` (before the column selection)."""
         index_map = self._arrow()["index_map"]
         table = self._read(idx if index_map is None else index_map[idx])
-        if self.transform is None:
-            return self._renamed_batch(self._decode(table, as_python=False))
-        batch = self._apply(self._decode(table, as_python=True), len(idx), rng_key, idx)
-        return self._renamed_batch(batch)
+        bt = self.batch_transform
+        if bt.transform is None:
+            return bt.rename(self._decode(table, as_python=False))
+        rng = None
+        if bt.takes_rng:
+            key = rng_key if rng_key is not None else (self.seed, 0, int(idx[0]) if len(idx) else 0)
+            rng = np.random.default_rng(key)
+        return bt.rename(bt.apply(self._decode(table, as_python=True), len(idx), rng))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One row as a dict (the transform still runs batched, on a batch of one)."""
         return self.__getitems__([index])[0]
-
-    def _apply(self, batch: dict[str, list], n: int, rng_key: Any, idx: np.ndarray) -> dict[str, Any]:
-        if self._with_rng:
-            key = rng_key if rng_key is not None else (self.seed, 0, int(idx[0]) if len(idx) else 0)
-            out = self.transform(batch, np.random.default_rng(key))
-        else:
-            out = self.transform(batch)
-        if not isinstance(out, Mapping):
-            raise TypeError(
-                f"the transform {_describe(self.transform)} returned {type(out).__name__}; it must return a dict of "
-                "columns (column name -> one value per row), like a set_transform function"
-            )
-        out = dict(out)
-        wrong = {name: _column_len(v) for name, v in out.items() if _column_len(v) != n}
-        if wrong:
-            raise DataError(
-                f"the transform {_describe(self.transform)} got {n} rows but returned columns of lengths {wrong}; "
-                "MapDataset needs one output value per input row (change the number of rows with "
-                "ds.map(fn, batched=True) before wrapping the dataset)"
-            )
-        if INDEX_KEY in out:
-            raise DataError(
-                f"the transform returned a column named {INDEX_KEY!r}, which hf_loop reserves for row indices"
-            )
-        return out
-
-    def _renamed(self, names: Sequence[str]) -> list[str]:
-        return [
-            "labels" if self.rename_label and n == "label" and "labels" not in names else n for n in names
-        ]
-
-    def _renamed_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self.rename_label and "label" in batch:
-            if "labels" in batch:
-                raise DataError(
-                    "the batch has both 'label' and 'labels'; MapDataset renames 'label' to 'labels' for "
-                    "transformers models. Drop one of them, or pass rename_label=False"
-                )
-            batch["labels"] = batch.pop("label")
-        return batch
-
-    def _select(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if self.columns is None:
-            return batch
-        wanted = ["labels" if self.rename_label and c == "label" else c for c in self.columns]
-        missing = [c for c in wanted if c not in batch]
-        if missing:
-            stage = "after the transform" if self.transform is not None else "in the dataset"
-            raise DataError(
-                f"columns={self.columns} asks for {missing}, which do not exist {stage}; available: "
-                f"{sorted(batch)}. Fix the names, or make the transform return them"
-            )
-        return {c: batch[c] for c in wanted}
 
     # --- lengths ---
 
@@ -222,15 +172,15 @@ class MapDataset(TorchDataset):
         table = cache["table"]
         source = (
             "label"
-            if column == "labels" and self.rename_label and column not in table.column_names
+            if column == "labels" and self.batch_transform.rename_label and column not in table.column_names
             else column
         )
         if source in table.column_names:
-            lengths = _arrow_lengths(table.column(source), column)
+            lengths = arrow_lengths(table.column(source), column)
             return lengths if cache["index_map"] is None else lengths[cache["index_map"]]
         if self.transform is None:
             raise DataError(
-                f"lengths({column!r}): no such column; available: {sorted(self._renamed(table.column_names))}"
+                f"lengths({column!r}): no such column; available: {sorted(self.batch_transform.renamed(table.column_names))}"
             )
         return self._lengths_by_transform(column)
 
@@ -249,37 +199,7 @@ class MapDataset(TorchDataset):
             if shape is not None and len(shape) >= 2:  # a rectangular array: every row has the same length
                 out[idx] = shape[1]
             elif isinstance(values, (pa.Array, pa.ChunkedArray)):
-                out[idx] = _arrow_lengths(values, column)
+                out[idx] = arrow_lengths(values, column)
             else:
                 out[idx] = np.fromiter(map(len, values), dtype=np.int64, count=len(idx))
         return out
-
-
-def to_torch(
-    ds: Any, *, transform: Transform | None = None, columns: Sequence[str] | None = None, **kw: Any
-) -> Any:
-    """Adapt a Hugging Face dataset to torch: ``Dataset`` -> :class:`MapDataset`, ``IterableDataset`` ->
-    :class:`hf_loop.StreamDataset`. Extra keywords go to the adapter.
-
-    Example:
-        >>> from datasets import Dataset
-        >>> type(to_torch(Dataset.from_dict({"x": [1, 2]}))).__name__
-        'MapDataset'
-    """
-    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-
-    if isinstance(ds, (DatasetDict, IterableDatasetDict)):
-        raise TypeError(
-            f"to_torch got a {type(ds).__name__} with splits {sorted(ds)}; pick one split, e.g. ds['train'] "
-            "(or hl.load(..., split='train'))"
-        )
-    if isinstance(ds, Dataset):
-        return MapDataset(ds, transform=transform, columns=columns, **kw)
-    if isinstance(ds, IterableDataset):
-        from hf_loop.stream import StreamDataset
-
-        return StreamDataset(ds, transform=transform, columns=columns, **kw)
-    raise TypeError(
-        f"to_torch needs a datasets.Dataset or datasets.IterableDataset, got {type(ds).__name__}; load one with "
-        "hl.load(...) or datasets.Dataset.from_dict(...)"
-    )

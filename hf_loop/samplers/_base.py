@@ -14,15 +14,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler as TorchSampler
 
+from hf_loop.checks import integer
+
 _CHUNK = 1 << 16  # indices converted to Python ints per step: bounded memory on 10M-example epochs
-
-
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _array(values: Any, name: str) -> np.ndarray:
@@ -91,8 +85,8 @@ class Sampler(TorchSampler, ABC):
 
     def __init__(self, n: int, seed: int = 0, size: int | None = None) -> None:
         super().__init__()
-        self.n = _count(n, "n (the number of examples)", 1)
-        self.seed = _count(seed, "seed", 0)
+        self.n = integer("n (the number of examples)", n, 1)
+        self.seed = integer("seed", seed, 0)
         self.epoch = 0
         self.start = 0
         self._size = size  # items per epoch when known without drawing the order
@@ -105,7 +99,7 @@ class Sampler(TorchSampler, ABC):
 
     def order(self, epoch: int) -> np.ndarray | list[np.ndarray]:
         """The full global order of ``epoch`` (read-only arrays; the same on every rank and every call)."""
-        epoch = _count(epoch, "epoch", 0)
+        epoch = integer("epoch", epoch, 0)
         if self._cached is None or self._cached[0] != epoch:
             drawn = self._draw(epoch)
             for array in drawn if self.yields_batches else [drawn]:
@@ -116,7 +110,7 @@ class Sampler(TorchSampler, ABC):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next ``__iter__`` yields, from its start."""
-        self.epoch = _count(epoch, "epoch", 0)
+        self.epoch = integer("epoch", epoch, 0)
         self.start = 0
 
     def _epoch_size(self, epoch: int) -> int:
@@ -124,6 +118,17 @@ class Sampler(TorchSampler, ABC):
 
     def __len__(self) -> int:
         return self._epoch_size(self.epoch)
+
+    def remaining(self, epoch: int | None = None, start: int | None = None) -> int:
+        """Items an iteration from ``start`` of ``epoch`` yields (default: the current epoch and start).
+
+        Example:
+            >>> from hf_loop.samplers import RandomSampler
+            >>> RandomSampler(10).remaining(start=4)
+            6
+        """
+        epoch = self.epoch if epoch is None else epoch
+        return max(self._epoch_size(epoch) - (self.start if start is None else start), 0)
 
     def items(self) -> np.ndarray | list[np.ndarray]:
         """What the next ``__iter__`` yields, at once: an index array (or a list of batch arrays)."""
@@ -144,7 +149,7 @@ class Sampler(TorchSampler, ABC):
 
     def state_dict(self, consumed: int = 0) -> dict[str, Any]:
         """The position after ``consumed`` items (ints, or batches for batch samplers) of the current iteration."""
-        consumed = _count(consumed, "consumed", 0)
+        consumed = integer("consumed", consumed, 0)
         position = self.start + min(consumed, max(self._epoch_size(self.epoch) - self.start, 0))
         return {**self.identity(), "epoch": self.epoch, "position": position}
 
@@ -157,7 +162,7 @@ class Sampler(TorchSampler, ABC):
         """
         _check_identity(_saved_identity(state), self._core_identity())
         self.set_epoch(state["epoch"])
-        self.start = _count(state["position"], "position", 0)
+        self.start = integer("position", state["position"], 0)
 
     def _core_identity(self) -> dict[str, Any]:
         return self.identity()

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from hf_loop.samplers._base import Sampler, _array, _count, _integers
+from hf_loop.checks import boolean, integer
+from hf_loop.samplers._base import Sampler, _array, _integers
 
 
 class SequentialSampler(Sampler):
@@ -75,8 +76,8 @@ class WeightedSampler(Sampler):
                 "all weights are 0, so nothing can be drawn: give some examples a positive weight"
             )
         super().__init__(len(w), seed)
-        self.replacement = bool(replacement)
-        self.num_samples = self.n if num_samples is None else _count(num_samples, "num_samples", 1)
+        self.replacement = boolean("replacement", replacement)
+        self.num_samples = self.n if num_samples is None else integer("num_samples", num_samples, 1)
         self._size = self.num_samples
         if not self.replacement and self.num_samples > positive.size:
             raise ValueError(
@@ -127,7 +128,7 @@ class SubsetSampler(Sampler):
         limit = ""
         bad = idx < 0
         if dataset_size is not None:
-            limit = f" and < dataset_size={_count(dataset_size, 'dataset_size', 1)}"
+            limit = f" and < dataset_size={integer('dataset_size', dataset_size, 1)}"
             bad |= idx >= dataset_size
         if bad.any():
             i = int(np.argmax(bad))
@@ -140,7 +141,7 @@ class SubsetSampler(Sampler):
                 "index once (np.unique(indices)), or use WeightedSampler to draw examples more than once"
             )
         super().__init__(len(idx), seed, size=len(idx))
-        self.indices, self.shuffle = idx, bool(shuffle)
+        self.indices, self.shuffle = idx, boolean("shuffle", shuffle)
 
     def _draw(self, epoch: int) -> np.ndarray:
         if not self.shuffle:

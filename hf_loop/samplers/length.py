@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from hf_loop.samplers._base import Sampler, _count, _integers
+from hf_loop.checks import boolean, integer
+from hf_loop.samplers._base import Sampler, _integers
 
 
 def _lengths(values: Any) -> np.ndarray:
@@ -64,9 +65,9 @@ class LengthGroupedSampler(Sampler):
     ) -> None:
         self.lengths = _lengths(lengths)
         super().__init__(len(self.lengths), seed, size=len(self.lengths))
-        self.batch_size = _count(batch_size, "batch_size", 1)
-        self.megabatch = _count(megabatch, "megabatch", 1)
-        self.longest_first = bool(longest_first)
+        self.batch_size = integer("batch_size", batch_size, 1)
+        self.megabatch = integer("megabatch", megabatch, 1)
+        self.longest_first = boolean("longest_first", longest_first)
 
     def _draw(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, epoch))
@@ -103,7 +104,7 @@ class TokenBudgetBatchSampler(Sampler):
     ) -> None:
         self.lengths = _lengths(lengths)
         super().__init__(len(self.lengths), seed)
-        self.max_tokens = _count(max_tokens, "max_tokens", 1)
+        self.max_tokens = integer("max_tokens", max_tokens, 1)
         longest = int(np.argmax(self.lengths))
         if self.lengths[longest] > self.max_tokens:
             raise ValueError(
@@ -111,8 +112,8 @@ class TokenBudgetBatchSampler(Sampler):
                 f"{self.lengths[longest]}): raise max_tokens to at least {self.lengths[longest]} or truncate "
                 f"examples to at most {self.max_tokens} tokens"
             )
-        self.megabatch = _count(megabatch, "megabatch", 1)
-        self.longest_first = bool(longest_first)
+        self.megabatch = integer("megabatch", megabatch, 1)
+        self.longest_first = boolean("longest_first", longest_first)
         # A chunk holds about `megabatch` batches: megabatch * max_tokens tokens at the mean length.
         self._chunk = max(1, round(self.megabatch * self.max_tokens / max(float(self.lengths.mean()), 1.0)))
 

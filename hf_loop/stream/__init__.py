@@ -1,25 +1,26 @@
 """``StreamDataset``: a streamed Hugging Face dataset as exact, resumable, bucketed torch batches.
 
-Layout: ``plan.py`` (which reader reads which shards), ``source.py`` (reading a shard from a row on, and a
-reader's cursor over its shards), ``reader.py`` (the bound IterableDataset the DataLoader runs: windows,
-mixing, shuffle, transform, bucketing), ``tracker.py`` (canonical batch order, consumed positions, resume).
+Layout: ``files.py`` (what a stream is made of: checks, row counts, identity), ``plan.py`` (which reader reads
+which rows), ``source.py`` (reading a shard's rows, and a reader's cursor over its pieces), ``protocol.py`` (what
+a reader sends the main process), ``reader.py`` (the bound IterableDataset the DataLoader runs: windows, mixing,
+shuffle, transform, bucketing), ``tracker.py`` (canonical batch order, consumed positions, resume).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from hf_loop.data import Transform, _column_len, _describe, _pickle_problem, _takes_rng
-from hf_loop.data.options import _checked_options
+from hf_loop.checks import boolean, integer, optional_integer
+from hf_loop.data import BatchTransform, Transform
 from hf_loop.errors import DataError
-from hf_loop.stream.plan import MixPlan, StreamPlan, build_plan, check_no_idle, check_source, layout_for
-from hf_loop.stream.reader import BoundStream
+from hf_loop.stream.files import check_source
+from hf_loop.stream.plan import MixPlan, StreamPlan, build_plan, check_no_idle, layout_for
+from hf_loop.stream.reader import BoundStream, ReadOptions
 from hf_loop.stream.source import Source
 from hf_loop.stream.tracker import StreamTracker
 
@@ -37,16 +38,21 @@ class StreamDataset(IterableDataset):
 
     ``hl.make_loader(stream, batch_size=...)`` binds a copy to (rank, world size, workers, batch size or
     ``max_tokens``); the object you build is never mutated. Each epoch reads every example exactly once across
-    ranks x DataLoader workers: shards are dealt to the readers up front (split into parquet row groups when
-    there are fewer shards than readers, or by example with ``split_examples=True``). Order is deterministic:
-    the shard order and a permutation inside each window of ``shuffle_buffer`` examples come from
-    (seed, epoch, window), so a resume re-reads at most one window instead of replaying the epoch. (Parquet:
-    the seek starts at the row group holding the window, from the footers. Formats without footers — json,
-    csv, text — re-read the current shard up to the window.)
+    ranks x DataLoader workers. The plan is made up front: when the shards' example counts are known (parquet
+    footers, Arrow files) the epoch's rows are cut into one contiguous run per reader, so readers differ by at
+    most one row and ranks stop together with at most a batch per reader unread; otherwise whole shards are
+    dealt (split into parquet row groups when there are fewer shards than readers, or by example with
+    ``split_examples=True``). Order is deterministic: the shard order and a permutation inside each window of
+    ``shuffle_buffer`` examples come from (seed, epoch, window), so a resume re-reads at most one window instead
+    of replaying the epoch. (Parquet: the seek starts at the row group holding the window, from the footers.
+    Formats without footers — json, csv, text — re-read the current shard up to the window.)
 
     Mixing: ``StreamDataset([a, b], weights=[0.3, 0.7])`` keeps every guarantee above (each source has its own
-    shard plan and resumable position). ``datasets.interleave_datasets`` is refused: its random source choice
-    cannot be split exactly once over readers nor resumed. ``datasets.concatenate_datasets`` works too.
+    shard plan and resumable position). ``a`` and ``b`` are HF streams or StreamDatasets; a StreamDataset item
+    contributes its stream(s), and the mix's transform, columns and shuffle are the outer ones (an item built
+    with other options is refused rather than silently ignored). ``datasets.interleave_datasets`` is refused:
+    its random source choice cannot be split exactly once over readers nor resumed.
+    ``datasets.concatenate_datasets`` works too.
 
     Args:
         ds: the stream, e.g. ``datasets.load_dataset("parquet", data_files=..., streaming=True)["train"]``.
@@ -95,40 +101,64 @@ class StreamDataset(IterableDataset):
         split_examples: bool = False,
         weights: Sequence[float] | None = None,
     ) -> None:
-        sources = list(ds) if isinstance(ds, (list, tuple)) else [ds]
-        if not sources:
-            raise ValueError("StreamDataset needs a stream, or a non-empty list of streams to mix; got []")
+        self.batch_transform = BatchTransform(transform, columns, rename_label)
+        self.shuffle_buffer = integer("shuffle_buffer", shuffle_buffer, 0)
+        self.seed = integer("seed", seed, 0)
+        self.window = optional_integer("window", window, 1)
+        self.split_examples = boolean("split_examples", split_examples)
+        if bucket is not None and not isinstance(bucket, str):
+            raise TypeError(f"bucket must be a column name such as 'input_ids', got {bucket!r}")
+        self.bucket = bucket
+        sources = self._unwrapped(list(ds) if isinstance(ds, (list, tuple)) else [ds])
         for source in sources:
             check_source(source)
         self.sources = sources
-        self.weights = _check_weights(weights, sources)
-        columns = _checked_options(transform, columns)
-        for name, value in (("shuffle_buffer", shuffle_buffer), ("window", window)):
-            if value is not None and (
-                not isinstance(value, int) or value < (0 if name == "shuffle_buffer" else 1)
-            ):
-                raise ValueError(
-                    f"{name} must be an int >= {0 if name == 'shuffle_buffer' else 1}, got {value!r}"
-                )
-        if bucket is not None and not isinstance(bucket, str):
-            raise TypeError(f"bucket must be a column name such as 'input_ids', got {bucket!r}")
         self.ds = sources[0]
-        self.transform = transform
-        self.columns = columns
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.rename_label = rename_label
-        self.bucket = bucket
-        self.window = window
-        self.split_examples = split_examples
-        self._with_rng = transform is not None and _takes_rng(transform)
-        self._pickle_problem = _pickle_problem(transform)
-        self.read_columns = self._source_columns()
+        self.weights = _check_weights(weights, sources)
+        names = list(self.ds.features) if self.ds.features is not None else None
+        self.read_columns = self.batch_transform.source_columns(names)
 
-    def __getstate__(self) -> dict[str, Any]:
-        if self._pickle_problem is not None:
-            raise TypeError(self._pickle_problem)
-        return self.__dict__.copy()
+    @property
+    def transform(self) -> Transform | None:
+        return self.batch_transform.transform
+
+    @property
+    def columns(self) -> list[str] | None:
+        return self.batch_transform.columns
+
+    def _options(self) -> tuple[Any, ...]:
+        return (
+            self.batch_transform,
+            self.shuffle_buffer,
+            self.seed,
+            self.bucket,
+            self.window,
+            self.split_examples,
+        )
+
+    def _unwrapped(self, items: list[Any]) -> list[Any]:
+        """The HF streams to read: StreamDataset items contribute theirs, if they were built with this
+        StreamDataset's options or the defaults (their own options would otherwise be silently ignored)."""
+        if not items:
+            raise ValueError("StreamDataset needs a stream, or a non-empty list of streams to mix; got []")
+        out = []
+        for k, item in enumerate(items):
+            if not isinstance(item, StreamDataset):
+                out.append(item)
+                continue
+            if item.weights is not None:
+                raise ValueError(
+                    f"item {k} is itself a weighted mix; mix all the streams in one StreamDataset"
+                )
+            if item._options() not in (self._options(), StreamDataset(item.ds)._options()):
+                raise ValueError(
+                    f"item {k} is a StreamDataset built with its own transform/columns/shuffle/bucket/window "
+                    "options, which a mix would not apply per source; build the items as "
+                    "hl.StreamDataset(hf_stream) (or pass the HF streams) and give those options to the mix: "
+                    "hl.StreamDataset([a, b], weights=..., transform=..., shuffle_buffer=...)"
+                )
+            out.extend(item.sources)
+        return out
 
     def __iter__(self):
         raise TypeError(
@@ -136,35 +166,40 @@ class StreamDataset(IterableDataset):
             "(or stream.bind(batch_size=...) in a DataLoader with batch_size=None)"
         )
 
-    def _source_columns(self) -> list[str] | None:
-        """Columns to read from the source (None: all). Without a transform, ``columns`` is pushed down."""
-        names = list(self.ds.features) if self.ds.features is not None else None
-        if self.columns is None or self.transform is not None or names is None:
-            return None
-        renamed = self.rename_label and "label" in names and "labels" not in names
-        wanted = ["label" if renamed and c in ("label", "labels") else c for c in self.columns]
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise DataError(
-                f"columns={self.columns} asks for {missing}, which the stream does not have; "
-                f"available: {sorted(names)}"
-            )
-        return wanted
-
-    def plan(self, num_workers: int = 0, world_size: int = 1, *, epoch: int = 0) -> StreamPlan | MixPlan:
-        """Which reader (rank, worker) reads which shards, and how many examples where parquet footers tell
-        (a :class:`MixPlan`, one plan per source, for mixed streams).
+    def plan(
+        self,
+        num_workers: int = 0,
+        world_size: int = 1,
+        *,
+        epoch: int = 0,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+    ) -> StreamPlan | MixPlan:
+        """Which reader (rank, worker) reads which rows, and how many examples where the counts are known (a
+        :class:`MixPlan`, one plan per source, for mixed streams). A reader that would get no data is a
+        DataError here already, as in ``bind``. With ``batch_size``, the plan also says how
+        many examples ``even_steps`` (and ``hl.train``) will leave unread per epoch when the ranks stop together.
 
         Example:
-            >>> print(stream.plan(num_workers=2, world_size=2))   # doctest: +SKIP
-            shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 8 shards
-              rank 0 worker 0: 2 shard(s) [0, 4], 250 examples
+            >>> print(stream.plan(num_workers=2, world_size=2, batch_size=8))   # doctest: +SKIP
+            shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 8 shards, split by rows
+              rank 0 worker 0: 3 piece(s) [5, 2, 7[0:120]], 2000 examples
               ...
+              under even_steps (batch 8): 0 example(s) left unread per epoch
         """
-        plans = [plan for _, plan in self._plans(world_size, num_workers, epoch)]
-        return plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
+        plans = [plan for _, plan in self._plans(world_size, num_workers, epoch, batch_size, drop_last)]
+        plan = plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
+        check_no_idle(plan)
+        return plan
 
-    def _plans(self, world_size: int, num_workers: int, epoch: int) -> list[tuple[Source, StreamPlan]]:
+    def _plans(
+        self,
+        world_size: int,
+        num_workers: int,
+        epoch: int,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+    ) -> list[tuple[Source, StreamPlan]]:
         out = []
         for k, ds in enumerate(self.sources):
             try:
@@ -181,6 +216,8 @@ class StreamDataset(IterableDataset):
                 epoch=epoch,
                 shuffle=self.shuffle_buffer > 0,
                 source=k,
+                batch_size=batch_size,
+                drop_last=drop_last,
             )
             out.append((Source(source, layout, k, self.read_columns), plan))
         return out
@@ -198,7 +235,7 @@ class StreamDataset(IterableDataset):
         """A new IterableDataset of this stream's batches for one rank (``hl.make_loader`` calls it).
 
         Give it to a DataLoader with ``batch_size=None`` and ``collate_fn=bound.wrap_collate(collate)``, and
-        iterate through ``bound.tracker().iterate(iter(dataloader))`` (docs/internals.md, "Stream path").
+        iterate through ``StreamTracker(bound).iterate(iter(dataloader))`` (docs/internals.md, "Stream path").
         ``drop_last`` drops the rank's last short batch (readers' short tails are merged into full batches
         first); token budgets (``max_tokens``) have no short batches to drop.
 
@@ -214,25 +251,29 @@ class StreamDataset(IterableDataset):
                 f"give exactly one of batch_size or max_tokens, got batch_size={batch_size}, "
                 f"max_tokens={max_tokens}"
             )
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_tokens", max_tokens),
-            ("world_size", world_size),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0 <= rank < world_size:
+        optional_integer("batch_size", batch_size, 1)
+        optional_integer("max_tokens", max_tokens, 1)
+        integer("world_size", world_size, 1)
+        integer("num_workers", num_workers, 0)
+        if not 0 <= integer("rank", rank) < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        parts = self._plans(world_size, num_workers, epoch=0)
+        drop_last = boolean("drop_last", drop_last)
+        parts = self._plans(world_size, num_workers, 0, batch_size, drop_last)
         plans = [plan for _, plan in parts]
         plan = plans[0] if len(plans) == 1 else MixPlan([float(w) for w in self.weights], plans)
         check_no_idle(plan)
         if rank == 0:
             logger.info("%s", plan)
+        options = ReadOptions(
+            batch_transform=self.batch_transform,
+            features=self.ds.features,
+            seed=self.seed,
+            shuffle=self.shuffle_buffer > 0,
+            weights=None if self.weights is None else tuple(float(w) for w in self.weights),
+            bucket=self.bucket,
+        )
         return BoundStream(
-            self,
+            options,
             [source for source, _ in parts],
             rank=rank,
             world_size=world_size,
@@ -248,47 +289,6 @@ class StreamDataset(IterableDataset):
         if size is None:
             size = batch_size * BUCKET_BATCHES if self.bucket and batch_size else PLAIN_WINDOW
         return -(-size // batch_size) * batch_size if batch_size else size  # whole batches
-
-    def _columns(self, table: pa.Table, rng: np.random.Generator) -> dict[str, Any]:
-        """One window's columns: Arrow arrays, or the transform's output (called once for the window)."""
-        if self.transform is None:
-            out: dict[str, Any] = {name: _one_array(table.column(name)) for name in table.column_names}
-        else:
-            batch = table.to_pydict()
-            features = self.ds.features
-            for name, needs in (getattr(features, "_column_requires_decoding", None) or {}).items():
-                if needs and name in batch:  # images, audio: decoded as set_transform would
-                    batch[name] = features.decode_column(batch[name], name)
-            out = self.transform(batch, rng) if self._with_rng else self.transform(batch)
-            if not isinstance(out, Mapping):
-                raise TypeError(
-                    f"the transform {_describe(self.transform)} returned {type(out).__name__}; it must "
-                    "return a dict of columns (column name -> one value per row)"
-                )
-            out = dict(out)
-            wrong = {k: _column_len(v) for k, v in out.items() if _column_len(v) != table.num_rows}
-            if wrong:
-                raise DataError(
-                    f"the transform {_describe(self.transform)} got {table.num_rows} rows but returned "
-                    f"columns of lengths {wrong}; it must return one value per input row"
-                )
-        if self.rename_label and "label" in out:
-            if "labels" in out:
-                raise DataError(
-                    "the batch has both 'label' and 'labels'; StreamDataset renames 'label' to "
-                    "'labels'. Drop one of them, or pass rename_label=False"
-                )
-            out["labels"] = out.pop("label")
-        if self.columns is None:
-            return out
-        wanted = ["labels" if self.rename_label and c == "label" else c for c in self.columns]
-        missing = [c for c in wanted if c not in out]
-        if missing:
-            raise DataError(
-                f"columns={self.columns} asks for {missing}, which do not exist after the transform; "
-                f"available: {sorted(out)}"
-            )
-        return {c: out[c] for c in wanted}
 
 
 def _check_weights(weights: Sequence[float] | None, sources: list[Any]) -> np.ndarray | None:
@@ -314,8 +314,3 @@ def _check_weights(weights: Sequence[float] | None, sources: list[Any]) -> np.nd
             "with weight 0 would never be read (drop it from the list instead)"
         )
     return w / w.sum()
-
-
-def _one_array(column: pa.ChunkedArray) -> pa.Array:
-    # combine_chunks copies even a single chunk
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()

@@ -1,16 +1,17 @@
 """A StreamDataset bound to (rank, world size, workers, batch size): the IterableDataset a DataLoader runs.
 
-Each reader (one DataLoader worker, or the main process) reads its shards of the plan as Arrow tables, cuts
+Each reader (one DataLoader worker, or the main process) reads its pieces of the plan as Arrow tables, cuts
 its stream into windows of ``window`` examples (drawn from several sources by weight when mixing), permutes
 each window from (seed, epoch, reader, window), runs the transform once per window, groups the window's
-examples into batches (by length when bucketing), and yields whole batches. Every batch carries ``meta`` =
-(reader, epoch, kind, window, (shard position, row offset) per source, batches done): the position to resume
-from after it, which the tracker in the main process records.
+examples into batches (by length when bucketing), and yields whole batches. Every item carries a
+:class:`~hf_loop.stream.protocol.Meta`: its kind, its rows, and for a batch the reader's position after it,
+which the tracker in the main process records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,24 +19,35 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from hf_loop.data import Columns, _arrow_lengths, _column_len
+from hf_loop.data import BatchTransform, Columns, arrow_lengths, column_len
 from hf_loop.errors import DataError
+from hf_loop.stream.files import source_identity
+from hf_loop.stream.protocol import Kind, Meta, ReaderPosition
 from hf_loop.stream.source import Cursor, Source
 
-# item kinds: a full batch, a reader's short last batch (merged in the main process), end of the reader
-BATCH, TAIL, END = 0, 1, 2
 READ_ROWS = 8192  # most rows per Arrow table read from the source (one window when it fits)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a reader needs from the :class:`~hf_loop.StreamDataset` it was bound from (and nothing else)."""
+
+    batch_transform: BatchTransform
+    features: Any  # the source's features: images and audio are decoded for a transform
+    seed: int
+    shuffle: bool
+    weights: tuple[float, ...] | None  # mixing weights (None: one source)
+    bucket: str | None
 
 
 class BoundStream(IterableDataset):
     """What ``StreamDataset.bind`` returns; see :class:`hf_loop.StreamDataset`.
 
-    A reader's position is (window, then shard position and row offset per source, batches of the window
-    done): ``2 + 2 * len(sources)`` ints."""
+    A reader's position is a :class:`~hf_loop.stream.protocol.ReaderPosition`."""
 
     def __init__(
         self,
-        stream: Any,
+        options: ReadOptions,
         sources: list[Source],
         *,
         rank: int,
@@ -46,7 +58,7 @@ class BoundStream(IterableDataset):
         drop_last: bool,
         window: int,
     ) -> None:
-        self.stream = stream
+        self.options = options
         self.sources = sources
         self.rank = rank
         self.world_size = world_size
@@ -56,8 +68,8 @@ class BoundStream(IterableDataset):
         self.max_tokens = max_tokens
         self.drop_last = drop_last
         self.window = window
-        self.length_column = stream.bucket or ("input_ids" if max_tokens else None)
-        self.position_size = 2 + 2 * len(sources)
+        self.length_column = options.bucket or ("input_ids" if max_tokens else None)
+        self.position_size = ReaderPosition.size(len(sources))
         # [epoch, resuming, then one position per local reader]. Shared memory, so persistent workers see
         # set_epoch and load_state_dict without being restarted.
         self.shared = torch.zeros(
@@ -72,7 +84,7 @@ class BoundStream(IterableDataset):
             plan = layouts[0]
         else:
             plan = {key: [lay[key] for lay in layouts] for key in layouts[0]}
-            plan["weights"] = [float(w) for w in self.stream.weights]
+            plan["weights"] = list(self.options.weights)
         return {
             **plan,
             "world_size": self.world_size,
@@ -81,8 +93,23 @@ class BoundStream(IterableDataset):
             "batch_size": self.batch_size,
             "max_tokens": self.max_tokens,
             "window": self.window,
-            "seed": self.stream.seed,
-            "shuffle": self.stream.shuffle_buffer > 0,
+            "seed": self.options.seed,
+            "shuffle": self.options.shuffle,
+            "bucket": self.length_column,
+        }
+
+    def data_identity(self) -> dict[str, Any]:
+        """What identifies the data and its order, independent of the topology (for checkpoint resume checks)."""
+        return {
+            "kind": "stream",
+            "sources": [
+                {**source_identity(s.ds), "counts": s.layout.counts, "units": s.layout.shards}
+                for s in self.sources
+            ],
+            "weights": None if self.options.weights is None else list(self.options.weights),
+            "seed": self.options.seed,
+            "shuffle": self.options.shuffle,
+            "window": self.window,
             "bucket": self.length_column,
         }
 
@@ -91,14 +118,9 @@ class BoundStream(IterableDataset):
         self.collate_fn = collate_fn
         return _CollateWithMeta(collate_fn)
 
-    def tracker(self) -> Any:
-        from hf_loop.stream.tracker import StreamTracker
-
-        return StreamTracker(self)
-
     # --- the reader loop (runs in a DataLoader worker, or in the main process with num_workers=0) ---
 
-    def __iter__(self) -> Iterator[tuple[Any, tuple[int, ...]]]:
+    def __iter__(self) -> Iterator[tuple[Any, Meta]]:
         info = get_worker_info()
         workers = 0 if info is None else info.num_workers
         if workers != self.num_workers:
@@ -109,58 +131,74 @@ class BoundStream(IterableDataset):
         local = 0 if info is None else info.id
         epoch, resuming = int(self.shared[0]), bool(self.shared[1])
         size = self.position_size
-        start = tuple(self.shared[2 + size * local : 2 + size * (local + 1)].tolist()) if resuming else None
+        start = None
+        if resuming:
+            start = ReaderPosition.from_flat(self.shared[2 + size * local : 2 + size * (local + 1)].tolist())
         yield from self._batches(local, epoch, start)
-        yield None, (local, epoch, END)
+        yield None, Meta(local, epoch, Kind.END)
 
     def _batches(
-        self, local: int, epoch: int, start: tuple[int, ...] | None = None
-    ) -> Iterator[tuple[Any, tuple[int, ...]]]:
+        self, local: int, epoch: int, start: ReaderPosition | None = None
+    ) -> Iterator[tuple[Any, Meta]]:
         """This reader's items from ``start`` (a recorded position; None: the epoch's beginning)."""
-        start = start or (0,) * self.position_size
-        assert len(start) == self.position_size, f"a position has {self.position_size} fields, got {start}"
+        start = start or ReaderPosition.start(len(self.sources))
         reader = self.rank * self.local_readers + local
-        shuffle = self.stream.shuffle_buffer > 0
-        first_window, skip = start[0], start[-1]
-        for w, table, begin, following in self._windows(reader, epoch, start[0], start[1:-1]):
+        options = self.options
+        for w, table, begin, following in self._windows(reader, epoch, start):
             rng = None
-            if shuffle or self.stream._with_rng:
-                rng = np.random.default_rng([self.stream.seed, epoch, reader, w])
-            perm = rng.permutation(table.num_rows) if shuffle else None
-            columns = self.stream._columns(table, rng)
+            if options.shuffle or options.batch_transform.takes_rng:
+                rng = np.random.default_rng([options.seed, epoch, reader, w])
+            perm = rng.permutation(table.num_rows) if options.shuffle else None
+            columns = self._window_columns(table, rng)
             order, groups = self._group(table.num_rows, columns, perm, rng)
             if order is not None:  # one gather for the window; each batch is then a zero-copy slice of it
                 columns = {k: _take(v, order) for k, v in columns.items()}
             for b, idx in enumerate(groups):
-                if w == first_window and b < skip:
+                if w == start.window and b < start.batch:
                     continue  # consumed before the resume: recomputed, never collated
                 size = idx.stop - idx.start
-                rows = Columns._of({k: _take(v, idx) for k, v in columns.items()}, size)  # window-checked
+                rows = Columns.of({k: _take(v, idx) for k, v in columns.items()}, size)  # window-checked
                 if self.batch_size and size < self.batch_size:
-                    yield rows, (local, epoch, TAIL)
+                    yield rows, Meta(local, epoch, Kind.TAIL, size)
                     continue
+                # ReaderPosition(w, begin, b + 1).flat(), or the next window's start after the last batch
                 after = (w, *begin, b + 1) if b + 1 < len(groups) else (w + 1, *following, 0)
-                yield rows, (local, epoch, BATCH, *after)
+                yield rows, Meta(local, epoch, Kind.BATCH, size, after)
 
-    def _windows(self, reader: int, epoch: int, w: int, starts: tuple[int, ...]) -> Iterator[tuple]:
-        """(window index, its rows, where it starts, where the next one starts) over this reader's stream.
+    def _window_columns(self, table: pa.Table, rng: np.random.Generator | None) -> dict[str, Any]:
+        """One window's columns: Arrow arrays, or the transform's output (called once for the window); renamed
+        and selected."""
+        bt = self.options.batch_transform
+        if bt.transform is None:
+            return bt.select(bt.rename({name: _one_array(table.column(name)) for name in table.column_names}))
+        batch = table.to_pydict()
+        features = self.options.features
+        for name, needs in (getattr(features, "_column_requires_decoding", None) or {}).items():
+            if needs and name in batch:  # images, audio: decoded as set_transform would
+                batch[name] = features.decode_column(batch[name], name)
+        return bt(batch, table.num_rows, rng)
+
+    def _windows(self, reader: int, epoch: int, start: ReaderPosition) -> Iterator[tuple]:
+        """(window index, its rows, where it starts, where the next one starts) over this reader's stream; the
+        starts are the flat (piece index, row offset) pairs of every source.
 
         With several sources, each window takes from each source a share drawn from (seed, epoch, reader,
         window) with the sources' weights; a source that runs dry hands its share to the others."""
         read_rows = min(self.window, READ_ROWS)
-        shuffle = self.stream.shuffle_buffer > 0
+        seed, shuffle = self.options.seed, self.options.shuffle
         cursors = [
-            Cursor(src, src.units(reader, self.stream.seed, epoch, shuffle), reader, pos, off, read_rows)
-            for src, pos, off in zip(self.sources, starts[0::2], starts[1::2])
+            Cursor(src, src.pieces(reader, seed, epoch, shuffle), reader, pos, off, read_rows)
+            for src, (pos, off) in zip(self.sources, start.sources)
         ]
+        w = start.window
         while True:
             for cursor in cursors:
                 cursor.probe()
-            begin = tuple(v for cursor in cursors for v in cursor.position)
+            begin = tuple(v for cursor in cursors for v in cursor.position)  # flat, as ReaderPosition.flat()
             if len(cursors) == 1:
                 tables = cursors[0].take(self.window)
             else:
-                tables = self._mixed(cursors, np.random.default_rng([self.stream.seed, epoch, reader, w, 1]))
+                tables = self._mixed(cursors, np.random.default_rng([seed, epoch, reader, w, 1]))
             rows = sum(t.num_rows for t in tables)
             if not rows:
                 return
@@ -171,7 +209,7 @@ class BoundStream(IterableDataset):
             w += 1
 
     def _mixed(self, cursors: list[Cursor], rng: np.random.Generator) -> list[pa.Table]:
-        weights = np.asarray(self.stream.weights, dtype=float)
+        weights = np.asarray(self.options.weights, dtype=float)
         want, tables = self.window, []
         active = [i for i, c in enumerate(cursors) if not c.drained and weights[i] > 0]
         while want and active:
@@ -222,11 +260,13 @@ class _CollateWithMeta:
     def __init__(self, collate_fn: Callable) -> None:
         self.collate_fn = collate_fn
 
-    def __call__(self, item: tuple[Any, tuple[int, ...]]) -> tuple[Any, tuple[int, ...]]:
+    def __call__(self, item: tuple[Any, Meta]) -> tuple[Any, Meta]:
         rows, meta = item
-        if meta[2] == TAIL:  # a plain dict of columns: survives pin_memory, which rebuilds lists and tuples
+        if (
+            meta.kind == Kind.TAIL
+        ):  # a plain dict of columns: survives pin_memory, which rebuilds lists and tuples
             return dict(rows.columns), meta
-        if meta[2] == END:
+        if meta.kind == Kind.END:
             return rows, meta
         return self.collate_fn(rows), meta
 
@@ -243,11 +283,16 @@ def _take(values: Any, idx: np.ndarray | slice) -> Any:
 
 def _lengths(values: Any, name: str) -> np.ndarray:
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return _arrow_lengths(values, name)
+        return arrow_lengths(values, name)
     shape = getattr(values, "shape", None)
     if shape is not None and len(shape) >= 2:
         return np.full(shape[0], shape[1], dtype=np.int64)
-    return np.fromiter(map(len, values), dtype=np.int64, count=_column_len(values))
+    return np.fromiter(map(len, values), dtype=np.int64, count=column_len(values))
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    # combine_chunks copies even a single chunk
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _token_budget(sorted_lengths: np.ndarray, max_tokens: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""Reading one streamed source: a shard from a row offset on (``Source``), and one reader's cursor over its
-shards (``Cursor``), which hands out rows in order and can always say where it stands."""
+"""Reading one streamed source: a shard's rows from a start to a stop (``Source``), and one reader's cursor over
+its pieces (``Cursor``), which hands out rows in order and can always say where it stands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hf_loop.stream.plan import Layout, assign, shard_counts
+from hf_loop.stream.files import shard_counts
+from hf_loop.stream.plan import Layout, Piece, assign
 
 
 class Source:
@@ -21,25 +22,30 @@ class Source:
         self.layout = layout
         self.index = index  # position among mixed sources (0 for a single stream)
         self.columns = columns  # pushed down when there is no transform
+        self._groups: dict[int, tuple[Any, list[int]]] = {}  # shard -> its row groups and their counts
 
-    def units(self, reader: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    def pieces(self, reader: int, seed: int, epoch: int, shuffle: bool) -> list[Piece]:
         return assign(self.layout, seed, epoch, shuffle, source=self.index)[reader]
 
-    def read_unit(self, unit: int, offset: int, read_rows: int) -> Iterator[tuple[int, pa.Table]]:
-        """Arrow tables of one shard from row ``offset`` on, each with the row index it starts at.
+    def read_unit(
+        self, unit: int, offset: int, read_rows: int, stop: int | None = None
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """Arrow tables of one shard from row ``offset`` up to row ``stop`` (None: its end), each with the row
+        index it starts at.
 
         Seeking in a parquet shard starts at the row group holding ``offset`` (footers give the counts), so a
         resume re-reads less than one row group before it; other formats re-read the shard up to ``offset``.
         The shard is driven through ``.shard()`` and ``.iter()``, never through the dataset's ``__iter__``
         (which would split it by DataLoader worker a second time)."""
         counts = self.layout.counts
-        if counts is not None and offset >= counts[unit]:
+        end = counts[unit] if counts is not None else None
+        stop = end if stop is None else stop
+        if stop is not None and offset >= stop:
             return
         shard = self.ds.shard(num_shards=self.layout.shards, index=unit, contiguous=True)
         parts = [(shard, 0)]
         if offset > 0 and counts is not None:
-            groups = shard.reshard()
-            group_counts = shard_counts(groups)
+            groups, group_counts = self._row_groups(unit, shard)
             if group_counts and groups.num_shards > 1:
                 bounds = np.cumsum([0, *group_counts])
                 first = int(np.searchsorted(bounds, offset, side="right")) - 1
@@ -53,21 +59,33 @@ class Source:
                 if at + n > offset:
                     if self.columns is not None:
                         table = table.select(self.columns)
-                    yield max(at, offset), table.slice(max(offset - at, 0))
+                    begin = max(at, offset)
+                    table = table.slice(begin - at, n if stop is None else min(stop, at + n) - begin)
+                    if table.num_rows:
+                        yield begin, table
                 at += n
+                if stop is not None and at >= stop:
+                    return
+
+    def _row_groups(self, unit: int, shard: Any) -> tuple[Any, list[int] | None]:
+        """A shard split into its parquet row groups, and their counts (footers read once per shard)."""
+        if unit not in self._groups:
+            groups = shard.reshard()
+            self._groups[unit] = (groups, shard_counts(groups))
+        return self._groups[unit]
 
 
 class Cursor:
-    """One reader's place in one source: its shards for the epoch, read in order from (shard position, row).
+    """One reader's place in one source: its pieces for the epoch, read in order from (piece index, row).
 
-    ``position`` is where the next row not yet taken starts, as (index into the reader's shards, row offset in
-    that shard) — enough to restart reading there after a resume."""
+    ``position`` is where the next row not yet taken starts, as (index into the reader's pieces, row offset in
+    that piece's shard) — enough to restart reading there after a resume."""
 
     def __init__(
-        self, source: Source, units: list[int], reader: int, pos: int, off: int, read_rows: int
+        self, source: Source, pieces: list[Piece], reader: int, pos: int, off: int, read_rows: int
     ) -> None:
         self.source = source
-        self.units = units
+        self.pieces = pieces
         self.reader = reader
         self.read_rows = read_rows
         self._pieces: deque[tuple[int, np.ndarray, pa.Table]] = deque()  # (shard position, raw rows, rows)
@@ -78,9 +96,10 @@ class Cursor:
 
     def _read(self, pos: int, off: int) -> Iterator[tuple[int, np.ndarray, pa.Table, tuple[int, int]]]:
         layout = self.source.layout
-        for p in range(pos, len(self.units)):
-            unit = self.units[p]
-            for raw_start, table in self.source.read_unit(unit, off if p == pos else 0, self.read_rows):
+        for p in range(pos, len(self.pieces)):
+            unit, start, stop = self.pieces[p]
+            first = max(off, start) if p == pos else start
+            for raw_start, table in self.source.read_unit(unit, first, self.read_rows, stop):
                 raw = np.arange(raw_start, raw_start + table.num_rows)
                 end = (p, raw_start + table.num_rows)
                 if layout.mode == "examples":  # row i of shard u belongs to reader (i + u) % readers
@@ -93,7 +112,7 @@ class Cursor:
             item = next(self._reads, None)
             if item is None:
                 self._exhausted = True
-                self._end = (len(self.units), 0)
+                self._end = (len(self.pieces), 0)
                 break
             p, raw, table, self._end = item
             if table.num_rows:

@@ -3,8 +3,12 @@
 The canonical order of a rank's batches is round-robin over its readers (reader 0, 1, ..., skipping readers
 that ended), which is also the order torch's DataLoader delivers them in from the epoch's start. After a
 resume the DataLoader starts again at worker 0 while the next canonical batch may belong to another reader,
-so :meth:`StreamTracker.iterate` keeps a small per-reader buffer and always yields the canonical next batch.
-Readers' short last batches ("tails") are merged here, after every reader ended, into full batches.
+so a :class:`_Pass` keeps a small per-reader buffer and always yields the canonical next batch. Readers' short
+last batches ("tails") are merged here, after every reader ended, into full batches.
+
+:class:`StreamTracker` is the stream's side of the Loader's position protocol (``hf_loop.loader``): ``epoch``,
+``set_epoch``, ``iterate``, ``left``, ``state_dict``, ``load_state_dict``, ``identity``; the map-style side is
+``hf_loop.loader.MapBatches``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,76 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-from hf_loop.data import Columns, _column_len
-from hf_loop.stream.reader import END, TAIL, BoundStream
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hf_loop.data import Columns, column_len
+from hf_loop.stream.protocol import Kind, Meta, ReaderPosition
+from hf_loop.stream.reader import BoundStream
 
 _KEEP = 50_000  # consumed-position records kept per pass before the oldest are folded into a snapshot
+
+
+class _Pass:
+    """One pass over a DataLoader iterator of ``(collated batch, Meta)`` items, in canonical order.
+
+    :meth:`next` returns ``(reader, rows, position, batch)`` for the next batch (reader -1 for a merged tail) or
+    None at the end; :meth:`peek` looks one batch ahead (pulling from the DataLoader), so a state taken right
+    after the last batch knows that the pass is over."""
+
+    def __init__(
+        self, bound: BoundStream, source: Iterator[tuple[Any, Meta]], epoch: int, cursor: int, tails_done: int
+    ) -> None:
+        self.bound = bound
+        self.source = source
+        self.epoch = epoch
+        self.tails_done = tails_done
+        readers = bound.local_readers
+        self.buffers: list[deque] = [deque() for _ in range(readers)]
+        self.active = list(range(readers))
+        self.tails: list[Any] = [None] * readers
+        self.turn = cursor
+        self.merged: Iterator[Any] | None = None
+        self.ahead: list[Any] = []  # at most one peeked item (None: the end)
+
+    def peek(self) -> Any:
+        if not self.ahead:
+            self.ahead.append(self._advance())
+        return self.ahead[0]
+
+    def next(self) -> Any:
+        return self.ahead.pop() if self.ahead else self._advance()
+
+    def _advance(self) -> Any:
+        while self.active:
+            reader = (
+                self.turn
+                if self.turn in self.active
+                else next((r for r in self.active if r > self.turn), self.active[0])
+            )
+            while not self.buffers[reader]:
+                item = next(self.source, None)
+                if item is None:
+                    raise RuntimeError(
+                        f"the DataLoader ended before reader {reader} of the stream did; were the workers "
+                        "restarted or the bound stream shared between loaders?"
+                    )
+                data, meta = item
+                if meta.epoch != self.epoch:
+                    raise RuntimeError(f"a reader sent epoch {meta.epoch} batches during epoch {self.epoch}")
+                self.buffers[meta.reader].append((data, meta))
+            data, meta = self.buffers[reader].popleft()
+            self.turn = reader + 1
+            if meta.kind == Kind.END:
+                self.active.remove(reader)
+            elif meta.kind == Kind.TAIL:
+                self.tails[reader] = data
+            else:
+                return reader, meta.rows, tuple(meta.position), data
+        if self.merged is None:
+            self.merged = _merged_tails(self.bound, [t for t in self.tails if t is not None], self.tails_done)
+        return next(self.merged, None)
 
 
 class StreamTracker:
@@ -27,18 +97,22 @@ class StreamTracker:
         >>> bound = stream.bind(batch_size=32, num_workers=2)                     # doctest: +SKIP
         >>> loader = DataLoader(bound, batch_size=None, num_workers=2,
         ...                     collate_fn=bound.wrap_collate(hl.PadCollator()))  # doctest: +SKIP
-        >>> tracker = bound.tracker()                                            # doctest: +SKIP
-        >>> for batch in tracker.iterate(iter(loader)): ...                      # doctest: +SKIP
+        >>> tracker = StreamTracker(bound)                                       # doctest: +SKIP
+        >>> for _, rows, batch in tracker.iterate(iter(loader)): ...             # doctest: +SKIP
     """
+
+    kind = "stream"
+    has_indices = False  # a stream's rows have no global index
 
     def __init__(self, bound: BoundStream) -> None:
         self.bound = bound
         self.readers = bound.local_readers
         self.epoch = 0
-        self._zero = (0,) * bound.position_size
+        self._zero = ReaderPosition.start(len(bound.sources)).flat()
         self._start = [self._zero] * self.readers  # where each reader starts the pass
         self._cursor = 0  # the reader whose batch comes first
         self._tails = 0  # merged tail batches already consumed
+        self._pass: _Pass | None = None
         self._reset_pass()
         self._publish(resuming=False)
 
@@ -59,6 +133,7 @@ class StreamTracker:
         self._base_count = 0  # records folded into _base
         self._records: deque[tuple[int, tuple[int, ...]]] = deque()
         self._finished = False
+        self._pass = None
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (the workers see it, persistent ones included)."""
@@ -68,8 +143,36 @@ class StreamTracker:
         self._reset_pass()
         self._publish(resuming=False)
 
+    def __len__(self) -> int:
+        raise TypeError(
+            "a streamed dataset has no length: give the training loop max_steps (or count batches yourself)"
+        )
+
+    def left(self, epoch: int | None = None) -> None:
+        """Batches the next pass yields: unknown for a stream (None)."""
+        return None
+
+    def unpadded(self) -> None:
+        """A stream reads each example once: there is no padding to remove."""
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the stream's data (files and sizes, shard counts, seed, shuffle, window)."""
+        return self.bound.data_identity()
+
+    def _over(self, consumed: int) -> bool:
+        """True when nothing follows the first ``consumed`` batches of this pass (looking one batch ahead)."""
+        if self._finished:
+            return consumed == self._base_count + len(self._records)
+        return (
+            consumed == self._base_count + len(self._records)
+            and self._pass is not None
+            and self._pass.peek() is None
+        )
+
     def state_dict(self, consumed: int) -> dict[str, Any]:
-        """The position after ``consumed`` batches of the current pass: plain ints and lists."""
+        """The position after ``consumed`` batches of the current pass: plain ints and lists. After the pass's
+        last batch (even before the iterator is exhausted) it is the start of the next epoch."""
         if consumed < self._base_count:
             raise ValueError(
                 f"consumed={consumed} is older than the last {_KEEP} batches this pass remembers "
@@ -80,7 +183,7 @@ class StreamTracker:
                 f"consumed={consumed} but only {self._base_count + len(self._records)} batches "
                 "were yielded this pass"
             )
-        if self._finished and consumed == self._base_count + len(self._records):
+        if self._over(consumed):
             epoch, positions, cursor, tails = self.epoch + 1, [self._zero] * self.readers, 0, 0
         else:
             epoch, positions, cursor, tails = (
@@ -127,57 +230,19 @@ class StreamTracker:
 
     # --- the pass ---
 
-    def iterate(self, source: Iterator[tuple[Any, tuple[int, ...]]]) -> Iterator[Any]:
-        """Yield the collated batches of ``source`` (a DataLoader iterator over the bound stream) in canonical
-        order, recording each reader's position after each batch."""
+    def iterate(self, source: Iterator[tuple[Any, Meta]]) -> Iterator[tuple[None, int, Any]]:
+        """``(None, rows, batch)`` for the collated batches of ``source`` (a DataLoader iterator over the bound
+        stream) in canonical order, recording each reader's position after each batch. A stream has no row
+        indices, hence None."""
         self._reset_pass()
-        buffers: list[deque] = [deque() for _ in range(self.readers)]
-        active = list(range(self.readers))
-        tails: list[Any] = [None] * self.readers
-        turn = self._cursor
-        while active:
-            reader = turn if turn in active else next((r for r in active if r > turn), active[0])
-            while not buffers[reader]:
-                item = next(source, None)
-                if item is None:
-                    raise RuntimeError(
-                        f"the DataLoader ended before reader {reader} of the stream did; were the workers "
-                        "restarted or the bound stream shared between loaders?"
-                    )
-                data, meta = item
-                if meta[1] != self.epoch:
-                    raise RuntimeError(f"a reader sent epoch {meta[1]} batches during epoch {self.epoch}")
-                buffers[meta[0]].append((data, meta))
-            data, meta = buffers[reader].popleft()
-            if meta[2] == END:
-                active.remove(reader)
-                turn = reader + 1
-                continue
-            turn = reader + 1
-            if meta[2] == TAIL:
-                tails[reader] = data
-                continue
-            self._record(reader, tuple(meta[3:]))
-            yield data
-        yield from self._merged_tails([t for t in tails if t is not None])
+        # The pass holds the DataLoader iterator (so a state can look one batch ahead) but not this tracker.
+        self._pass = current = _Pass(self.bound, source, self.epoch, self._cursor, self._tails)
+        while (item := current.next()) is not None:
+            reader, rows, position, batch = item
+            self._record(reader, position)
+            yield None, rows, batch
         self._finished = True
-
-    def _merged_tails(self, tails: list[dict[str, Any]]) -> Iterator[Any]:
-        """The readers' short last batches (dicts of columns), concatenated in reader order and cut into full
-        batches, collated here in the main process."""
-        size = self.bound.batch_size
-        rows = sum(_column_len(next(iter(t.values()))) for t in tails if t)
-        if not rows:
-            return
-        names = list(tails[0])
-        merged = {name: _concat([t[name] for t in tails]) for name in names}
-        stop = rows - rows % size if self.bound.drop_last else rows
-        for k, begin in enumerate(range(0, stop, size)):
-            if k < self._tails:
-                continue
-            batch = Columns({n: _slice(v, begin, min(begin + size, rows)) for n, v in merged.items()})
-            self._record(-1, ())
-            yield self.bound.collate_fn(batch) if self.bound.collate_fn else batch
+        self._pass = None  # let the DataLoader iterator (and its workers) go
 
     def _record(self, reader: int, position: tuple[int, ...]) -> None:
         self._records.append((reader, position))
@@ -192,11 +257,27 @@ class StreamTracker:
             self._base_count += _KEEP
 
 
-def _concat(parts: list[Any]) -> Any:
-    import numpy as np
-    import pyarrow as pa
-    import torch
+def _merged_tails(
+    bound: BoundStream, tails: list[dict[str, Any]], done: int
+) -> Iterator[tuple[int, int, tuple[()], Any]]:
+    """The readers' short last batches (dicts of columns), concatenated in reader order and cut into full
+    batches, collated here in the main process; the first ``done`` were consumed before a resume."""
+    size = bound.batch_size
+    rows = sum(column_len(next(iter(t.values()))) for t in tails if t)
+    if not rows:
+        return
+    names = list(tails[0])
+    merged = {name: _concat([t[name] for t in tails]) for name in names}
+    stop = rows - rows % size if bound.drop_last else rows
+    for k, begin in enumerate(range(0, stop, size)):
+        if k < done:
+            continue
+        end = min(begin + size, rows)
+        batch = Columns({n: _slice(v, begin, end) for n, v in merged.items()})
+        yield -1, end - begin, (), bound.collate_fn(batch) if bound.collate_fn else batch
 
+
+def _concat(parts: list[Any]) -> Any:
     if isinstance(parts[0], (pa.Array, pa.ChunkedArray)):
         return pa.chunked_array(
             [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])],
