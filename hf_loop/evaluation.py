@@ -9,6 +9,7 @@ predictions and labels are gathered and put back in dataset order by those indic
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 
 from hf_loop.dist import DistEnv, all_gather_object, all_reduce, batch_size_of, default_device
 from hf_loop.feed import staged
+from hf_loop.fsdp import is_sharded, param_dtype
 from hf_loop.loader import Loader
 from hf_loop.steps import ModelInputs, autocast, call_loss_fn, count_targets, loss_of, unwrap
 
@@ -98,7 +100,12 @@ def _run(
     raw = unwrap(model)
     inputs = ModelInputs(raw)
     pairs, indexed = _split(loader, env, what)
-    keys: deque = deque()  # the row keys of the batches staged ahead
+    sharded = is_sharded(raw)
+    if sharded and param_dtype(raw) is not None:
+        precision = "fp32"  # the model's precision policy computes in its dtype: no autocast on top
+    if sharded and env.distributed:
+        pairs = _in_step(pairs, env)
+    keys: deque = deque()  # the row keys of the batches staged ahead (None: a throwaway pass)
 
     def batches() -> Iterator[Any]:
         for rows, batch in pairs:
@@ -114,6 +121,8 @@ def _run(
                 rows = keys.popleft()
                 with autocast(env.device, precision):
                     outputs = raw(**inputs.select(batch, training=False))
+                if rows is _THROWAWAY:
+                    continue
                 size = batch_size_of(batch)
                 out.rows.extend(rows if rows is not None else range(len(out.rows), len(out.rows) + size))
                 _collect(
@@ -131,6 +140,29 @@ def _run(
     finally:
         raw.train(was_training)
     return out, indexed
+
+
+_THROWAWAY = object()
+
+
+def _in_step(pairs: Iterator[tuple[Any, Any]], env: DistEnv) -> Iterator[tuple[Any, Any]]:
+    """Under FSDP every forward pass gathers parameters from every rank, so all ranks must run as many passes as
+    the rank with the most batches: a rank whose share ran out repeats its last batch and drops the outputs
+    (rows marked ``_THROWAWAY``). The ranks agree before each batch, as ``even_steps`` does."""
+    last = None
+    for item in itertools.chain(pairs, itertools.repeat(None)):
+        if int(all_reduce(int(item is not None), env, op="max")) == 0:
+            return
+        if item is not None:
+            last = item
+            yield item
+        elif last is None:
+            raise ValueError(
+                f"rank {env.rank} has no evaluation rows: the eval data has fewer rows than the {env.world_size} "
+                "ranks, so a sharded model cannot run its forward passes in step. Evaluate more rows"
+            )
+        else:
+            yield _THROWAWAY, last[1]
 
 
 def _collect(

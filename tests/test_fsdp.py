@@ -53,6 +53,13 @@ def autocast_seen(env: hl.DistEnv, precision: str) -> tuple[list[bool], list[tor
     return seen, dtypes
 
 
+def uneven_evaluation(env: hl.DistEnv) -> tuple[dict, torch.Tensor]:
+    """5 rows on 2 ranks in batches of 2: rank 0 has 2 batches, rank 1 one (each row evaluated once)."""
+    model = hl.shard(tiny_llama(), env, precision="fp32")
+    loader = hl.make_loader(lm_dataset(5), batch_size=2, sampler="sequential", env=env)
+    return hl.evaluate(model, loader, env=env), hl.predict(model, loader, env=env, reduce="argmax")
+
+
 def optimizer_before_shard(env: hl.DistEnv) -> str:
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters())  # built too early: shard replaces the parameters
@@ -79,6 +86,8 @@ def _two_ranks(env: hl.DistEnv, dirs: dict[str, str]) -> dict:
     out["export"] = lm_run(env, shard=True, batch_size=2, max_steps=2, out_dir=dirs["export"], export=True)[0]
     out["autocast"] = {p: autocast_seen(env, p) for p in ("bf16", "fp32")}
     out["early_optimizer"] = optimizer_before_shard(env)
+    evaluation, predictions = uneven_evaluation(env)
+    out["evaluation"] = (evaluation, [p.numpy() for p in predictions])
     return out
 
 
@@ -161,6 +170,16 @@ def test_a_precision_policy_replaces_autocast(runs):
     assert seen == [False] and dtypes == [torch.bfloat16]  # FSDP computes in bf16 itself: no autocast
     seen, dtypes = runs["ranks"][0]["autocast"]["fp32"]
     assert seen == [True] and dtypes == [torch.bfloat16]  # no policy: TrainConfig(precision="bf16") autocasts
+
+
+def test_evaluation_of_a_sharded_model_with_uneven_shares_runs_in_step(runs):
+    single_eval, single_pred = uneven_evaluation(hl.DistEnv())
+    for rank in runs["ranks"]:
+        evaluation, predictions = rank["evaluation"]
+        assert evaluation["examples"] == 5 and evaluation["loss"] == pytest.approx(
+            single_eval["loss"], rel=1e-5
+        )
+        assert all((p == q.numpy()).all() for p, q in zip(predictions, single_pred, strict=True))
 
 
 def test_an_optimizer_built_before_sharding_is_refused(runs):
