@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_loop.checks import boolean, integer, optional_integer
 from hf_loop.steps import PRECISIONS
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
+    """An int option of at least ``minimum``: a TypeError for another type (2.0, "2", True), a ValueError below."""
+    check = optional_integer if allow_none else integer
+    check(f"TrainConfig.{name}", value, minimum)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,12 +99,10 @@ class TrainConfig:
                 f"TrainConfig.scheduler must be a scheduler name or a torch LR scheduler object, "
                 f"got {type(self.scheduler).__name__}"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TypeError(f"TrainConfig.seed must be an int, got {self.seed!r}")
+        integer("TrainConfig.seed", self.seed, 0)
         for name in ("compile", "progress", "greater_is_better", "ddp_find_unused_parameters",
                      "ddp_static_graph", "export", "async_checkpoint"):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            boolean(f"TrainConfig.{name}", getattr(self, name))
         if self.checkpoint_every is not None and self.out_dir is None:
             raise ValueError(
                 "TrainConfig.checkpoint_every needs out_dir: set out_dir='runs/name' to say where "

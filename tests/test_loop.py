@@ -507,15 +507,16 @@ def test_count_parameters_of_a_peft_model():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"epochs": 0}, ValueError, r"TrainConfig.epochs must be an int >= 1, got 0"),
-        ({"grad_accum": 1.5}, ValueError, r"TrainConfig.grad_accum must be an int >= 1, got 1.5"),
-        ({"max_steps": 0}, ValueError, r"TrainConfig.max_steps must be an int >= 1 or None, got 0"),
-        ({"log_every": True}, ValueError, r"TrainConfig.log_every must be an int >= 1, got True"),
+        ({"epochs": 0}, ValueError, r"TrainConfig.epochs must be >= 1, got 0"),
+        ({"grad_accum": 1.5}, TypeError, r"TrainConfig.grad_accum must be an int, got float 1.5"),
+        ({"max_steps": 0}, ValueError, r"TrainConfig.max_steps must be >= 1, got 0"),
+        ({"max_steps": "100"}, TypeError, r"TrainConfig.max_steps must be an int, got str '100'"),
+        ({"log_every": True}, TypeError, r"TrainConfig.log_every must be an int, got bool True"),
         ({"keep_last": 0}, ValueError, r"TrainConfig.keep_last"),
         ({"eval_every": -1}, ValueError, r"TrainConfig.eval_every"),
         ({"patience": 0}, ValueError, r"TrainConfig.patience"),
         ({"max_bad_steps": 0}, ValueError, r"TrainConfig.max_bad_steps"),
-        ({"warmup_steps": -1}, ValueError, r"TrainConfig.warmup_steps must be an int >= 0, got -1"),
+        ({"warmup_steps": -1}, ValueError, r"TrainConfig.warmup_steps must be >= 0, got -1"),
         ({"max_grad_norm": 0}, ValueError, r"TrainConfig.max_grad_norm must be a number > 0 or None, got 0"),
         (
             {"precision": "fp8"},
@@ -528,9 +529,23 @@ def test_count_parameters_of_a_peft_model():
             TypeError,
             r"TrainConfig.scheduler must be a scheduler name or a torch LR scheduler",
         ),
-        ({"seed": "0"}, TypeError, r"TrainConfig.seed must be an int, got '0'"),
-        ({"compile": "yes"}, TypeError, r"TrainConfig.compile must be True or False, got 'yes'"),
-        ({"ddp_static_graph": 1}, TypeError, r"TrainConfig.ddp_static_graph must be True or False, got 1"),
+        ({"seed": "0"}, TypeError, r"TrainConfig.seed must be an int, got str '0'"),
+        ({"compile": "yes"}, TypeError, r"TrainConfig.compile must be True or False, got str 'yes'"),
+        (
+            {"ddp_static_graph": 1},
+            TypeError,
+            r"TrainConfig.ddp_static_graph must be True or False, got int 1",
+        ),
+        (
+            {"async_checkpoint": "False"},
+            TypeError,
+            r"TrainConfig.async_checkpoint must be True or False, got str",
+        ),
+        (
+            {"resume_allow": "model"},
+            ValueError,
+            r"TrainConfig.resume_allow must be a tuple of identity parts",
+        ),
         ({"checkpoint_every": 5}, ValueError, r"TrainConfig.checkpoint_every needs out_dir"),
         ({"best_metric": ""}, ValueError, r"TrainConfig.best_metric must be a metric name"),
         (
