@@ -286,6 +286,35 @@ def make_loader(
     """
     env = env or DistEnv(device=default_device())  # one process; pin_memory='auto' still sees a GPU
     options = {k: kwargs.pop(k) for k in STRATEGY_OPTIONS if k in kwargs}
+    _check_dataloader_options(kwargs)
+    batch_size = optional_integer("batch_size", batch_size, 1)
+    num_workers = integer("num_workers", num_workers, 0)
+    drop_last = boolean("drop_last", drop_last)
+    seed = integer("seed", seed, 0)
+    if type(dataset).__module__.startswith("datasets."):
+        dataset = to_torch(dataset)
+    common = {"num_workers": num_workers, "pin_memory": _resolve_pin_memory(pin_memory, env), **kwargs}
+    collate_fn = collate_fn or PadCollator()
+    if isinstance(dataset, StreamDataset):  # it yields whole batches itself
+        bound = _bound_stream(dataset, sampler, options, env, num_workers, batch_size, drop_last)
+        return Loader(bound, seed=seed, env=env, position=StreamTracker(bound), batch_size=None,
+                      collate_fn=bound.wrap_collate(collate_fn), **common)  # fmt: skip
+    if not hasattr(dataset, "__len__"):
+        raise TypeError(
+            f"make_loader needs a map-style dataset with __len__ or a StreamDataset, got {type(dataset).__name__}"
+        )
+    global_sampler = _global_sampler(dataset, sampler, options, env, batch_size, seed)
+    if batch_size is None and not getattr(global_sampler, "yields_batches", False):
+        raise ValueError("batch_size is required unless the sampler yields whole batches (sampler='tokens')")
+    batches = MapBatches(
+        global_sampler, batch_size, drop_last, seed, world_size=env.world_size, dataset=dataset
+    )
+    return Loader(
+        dataset, seed=seed, env=env, position=batches, batch_sampler=batches, collate_fn=collate_fn, **common
+    )
+
+
+def _check_dataloader_options(kwargs: dict[str, Any]) -> None:
     if kwargs.get("in_order", True) is False:
         raise ValueError(
             "in_order=False is refused: it makes batch order depend on worker timing, which "
@@ -296,80 +325,50 @@ def make_loader(
             raise TypeError(
                 f"make_loader sets {taken} itself; choose the order with sampler=... and seed=..."
             )
-    batch_size = optional_integer("batch_size", batch_size, 1)
-    num_workers = integer("num_workers", num_workers, 0)
-    drop_last = boolean("drop_last", drop_last)
-    seed = integer("seed", seed, 0)
-    if type(dataset).__module__.startswith("datasets."):
-        dataset = to_torch(dataset)
-    common = {"num_workers": num_workers, "pin_memory": _resolve_pin_memory(pin_memory, env), **kwargs}
-    collate_fn = collate_fn or PadCollator()
 
-    if isinstance(dataset, StreamDataset):  # it yields whole batches itself
-        ordering = sorted(set(options) - {"max_tokens"})  # a token budget is a batching choice, not an order
-        if sampler is not None or ordering:
-            raise ValueError(
-                f"a StreamDataset orders itself; got sampler={sampler!r} {ordering or ''}. Shuffle a stream "
-                "with StreamDataset(..., shuffle_buffer=N, seed=S) instead of a sampler"
-            )
-        if batch_size is None and "max_tokens" not in options:
-            raise ValueError("a stream needs batch_size=... (or max_tokens=...)")
-        bound = dataset.bind(
-            rank=env.rank,
-            world_size=env.world_size,
-            num_workers=num_workers,
-            batch_size=batch_size,
-            max_tokens=options.get("max_tokens"),
-            drop_last=drop_last,
-        )
-        return Loader(
-            bound,
-            seed=seed,
-            env=env,
-            position=StreamTracker(bound),
-            batch_size=None,
-            collate_fn=bound.wrap_collate(collate_fn),
-            **common,
-        )
 
-    if not hasattr(dataset, "__len__"):
-        raise TypeError(
-            f"make_loader needs a map-style dataset with __len__ or a StreamDataset, "
-            f"got {type(dataset).__name__}"
+def _bound_stream(stream: StreamDataset, sampler: Any, options: dict[str, Any], env: DistEnv, num_workers: int,
+                  batch_size: int | None, drop_last: bool) -> Any:  # fmt: skip
+    """The stream bound to this rank's readers (a new object; the user's stream is not changed)."""
+    ordering = sorted(set(options) - {"max_tokens"})  # a token budget is a batching choice, not an order
+    if sampler is not None or ordering:
+        raise ValueError(
+            f"a StreamDataset orders itself; got sampler={sampler!r} {ordering or ''}. Shuffle a stream "
+            "with StreamDataset(..., shuffle_buffer=N, seed=S) instead of a sampler"
         )
-    n = len(dataset)
+    if batch_size is None and "max_tokens" not in options:
+        raise ValueError("a stream needs batch_size=... (or max_tokens=...)")
+    return stream.bind(rank=env.rank, world_size=env.world_size, num_workers=num_workers, batch_size=batch_size,
+                       max_tokens=options.get("max_tokens"), drop_last=drop_last)  # fmt: skip
+
+
+def _global_sampler(dataset: Any, sampler: Any, options: dict[str, Any], env: DistEnv, batch_size: int | None,
+                    seed: int) -> Any:  # fmt: skip
+    """The named strategy (or the given sampler) over the GLOBAL order, split for this rank under ``env``."""
     strategy = "random" if sampler is None else sampler
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             raise ValueError(f"sampler must be one of {STRATEGIES} or a sampler object, got {strategy!r}")
         if strategy != "tokens" and batch_size is None:
             raise ValueError(f"sampler={strategy!r} needs batch_size=...")
-        global_sampler = build_sampler(
-            strategy, n, dataset, batch_size=batch_size, seed=seed, world_size=env.world_size, options=options
+        chosen = build_sampler(strategy, len(dataset), dataset, batch_size=batch_size, seed=seed,
+                               world_size=env.world_size, options=options)  # fmt: skip
+    elif options:
+        raise TypeError(
+            f"strategy options {sorted(options)} only apply to a named sampler strategy; "
+            f"set them on the {type(strategy).__name__} object instead"
         )
     else:
-        if options:
-            raise TypeError(
-                f"strategy options {sorted(options)} only apply to a named sampler strategy; "
-                f"set them on the {type(strategy).__name__} object instead"
-            )
-        global_sampler = strategy
-    if isinstance(global_sampler, hs.DistributedSampler):
-        if (global_sampler.num_replicas, global_sampler.rank) != (
-            env.world_size,
-            env.rank,
-        ) and env.world_size > 1:
-            raise ValueError(
-                f"the DistributedSampler is rank {global_sampler.rank} of {global_sampler.num_replicas} but env is "
-                f"rank {env.rank} of {env.world_size}; pass the global sampler and make_loader splits it for env"
-            )
-    elif env.world_size > 1:
-        global_sampler = hs.DistributedSampler(global_sampler, num_replicas=env.world_size, rank=env.rank)
-    if batch_size is None and not getattr(global_sampler, "yields_batches", False):
-        raise ValueError("batch_size is required unless the sampler yields whole batches (sampler='tokens')")
-    batches = MapBatches(
-        global_sampler, batch_size, drop_last, seed, world_size=env.world_size, dataset=dataset
-    )
-    return Loader(
-        dataset, seed=seed, env=env, position=batches, batch_sampler=batches, collate_fn=collate_fn, **common
-    )
+        chosen = strategy
+    if not isinstance(chosen, hs.DistributedSampler):
+        return (
+            hs.DistributedSampler(chosen, num_replicas=env.world_size, rank=env.rank)
+            if env.world_size > 1
+            else chosen
+        )
+    if env.world_size > 1 and (chosen.num_replicas, chosen.rank) != (env.world_size, env.rank):
+        raise ValueError(
+            f"the DistributedSampler is rank {chosen.rank} of {chosen.num_replicas} but env is rank {env.rank} of "
+            f"{env.world_size}; pass the global sampler and make_loader splits it for env"
+        )
+    return chosen

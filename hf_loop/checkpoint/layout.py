@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
+
+import torch
 
 from hf_loop.errors import CheckpointError
 
@@ -220,3 +224,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def plain_json(value: Any, what: str) -> dict[str, Any]:
+    """``value`` when it is a dict of plain JSON values that reads back unchanged (what a manifest can hold)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict of plain JSON values, got {type(value).__name__}")
+    try:
+        back = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts with str keys): {exc}"
+        ) from None
+    if back != value:
+        raise TypeError(
+            f"{what} must read back from JSON unchanged, but {dict(value)!r} reads back as {back!r}: use lists "
+            "instead of tuples, and str keys"
+        )
+    return back
+
+
+def versions() -> dict[str, str]:
+    """The versions a manifest records: hf_loop, transformers, datasets, torch, python."""
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    found = {
+        name: version(dist)
+        for name, dist in [("hf_loop", "hf-loop"), ("transformers",) * 2, ("datasets",) * 2]
+    }
+    return {**found, "torch": torch.__version__, "python": platform.python_version()}

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
-import platform
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +33,7 @@ from hf_loop.checkpoint.layout import (
     Manifest,
     fsync_dir,
     inspect,
+    plain_json,
     remove,
     scan,
     size_reason,
@@ -44,6 +42,7 @@ from hf_loop.checkpoint.layout import (
     step_of,
     unique_name,
     utc_now,
+    versions,
 )
 from hf_loop.checkpoint.pending import PendingCheckpoint, disk_full_guard, hash_file
 from hf_loop.dist import DistEnv, all_gather_object, broadcast_object
@@ -131,8 +130,8 @@ def begin(
     if env.is_main:  # rank 0 picks the temporary name, so every rank writes into the same folder
         try:
             plain = {
-                "identity": _plain_json(identity, "identity"),
-                "extra": _plain_json(extra or {}, "extra"),
+                "identity": plain_json(identity, "identity"),
+                "extra": plain_json(extra or {}, "extra"),
             }
             manifest = Manifest(step=step, world_size=env.world_size, files={}, **plain)
             temp = final.with_name(unique_name(TEMP_PREFIX, final.name))
@@ -170,7 +169,7 @@ def publish(begun: Begun, env: DistEnv, failure: BaseException | None = None) ->
             files = {name: record for records, _ in gathered for name, record in records.items()}
             _check_visible(pending.folder, files)
             _publish(
-                pending.folder, final, replace(manifest, files=files, versions=_versions(), created=utc_now())
+                pending.folder, final, replace(manifest, files=files, versions=versions(), created=utc_now())
             )
         except Exception as exc:
             problem, own = f"rank 0: {_describe(exc)}", exc
@@ -430,37 +429,6 @@ def _warn_skipped(env: DistEnv, out_dir: Any, skipped: list[tuple[Path, str]], r
     for folder, reason in sorted(skipped, key=lambda item: step_of(item[0]), reverse=True):
         if resumed is None or step_of(folder) > step_of(resumed):
             logger.warning("skipping %s: %s; %s", _shown(out_dir, folder), reason, after)
-
-
-def _plain_json(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a dict of plain JSON values, got {type(value).__name__}")
-    try:
-        back = json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts with str keys): {exc}"
-        ) from None
-    if back != value:
-        raise TypeError(
-            f"{what} must read back from JSON unchanged, but {dict(value)!r} reads back as {back!r}: use lists "
-            "instead of tuples, and str keys"
-        )
-    return back
-
-
-def _versions() -> dict[str, str]:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    found = {
-        name: version(dist)
-        for name, dist in [("hf_loop", "hf-loop"), ("transformers",) * 2, ("datasets",) * 2]
-    }
-    return {**found, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _shown(out_dir: Any, folder: Path) -> str:
