@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from hf_loop.errors import DataError
+from hf_loop.report.labels import describe_missing, is_regression, missing_rows
 from hf_loop.report.numbers import DataReport
 from hf_loop.report.plots import plot_lengths
 
@@ -36,8 +38,6 @@ def measure(ds: Any, column: str, tokenizer: Any = None) -> tuple[np.ndarray, st
         unit = "tokens" if column in ("input_ids", "labels") else "items"
         return MapDataset(ds, rename_label=False).lengths(column), unit
     if tokenizer is None:
-        import pyarrow.compute as pc
-
         text = _arrow_column(ds, column)
         words = pc.count_substring_regex(text, r"\S+").fill_null(0)
         return np.asarray(words, dtype=np.int64), "words"
@@ -155,11 +155,19 @@ def inspect(
     label_column = _pick_labels(ds, label_column)
     labels = names = None
     if label_column is not None:
-        labels = _arrow_column(ds, label_column).to_numpy(zero_copy_only=False)
+        values = _arrow_column(ds, label_column)
         names = getattr(ds.features[label_column], "names", None)
-        if labels.dtype.kind == "f":  # regression targets: class balance would list every distinct value
-            notes.append(f"label column {label_column!r} holds floats (regression?): no class balance")
-            labels = None
+        missing = missing_rows(values)
+        if missing.size:
+            notes.append(f"label column {label_column!r}: {describe_missing(missing, len(values))}")
+            values = values.filter(pc.invert(pc.is_null(values, nan_is_null=True)))
+        if is_regression(values):  # class balance would list every distinct value
+            notes.append(
+                f"label column {label_column!r} holds floats: regression targets (hf-loop finetune trains an "
+                "MSE head), no class balance"
+            )
+        elif len(values):
+            labels = values.to_numpy(zero_copy_only=False)
     report = DataReport.from_lengths(
         lengths,
         batch_size=batch_size,
