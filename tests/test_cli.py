@@ -222,6 +222,27 @@ def test_label_mistakes_after_loading(tmp_path, capsys):
     assert "--val-fraction 0.9 of 3 rows leaves no training rows" in err
 
 
+def test_column_mistakes(hub_folder, tmp_path, capsys):
+    hub = ["--dataset", str(hub_folder)]
+    err = user_error(capsys, "finetune", *hub, "--text-column", "label")
+    assert "--text-column label: the column holds Value('int64'), not text" in err
+    assert "--label-column text is also the text column" in user_error(
+        capsys, "finetune", *hub, "--label-column", "text"
+    )
+    lists = write_table(tmp_path / "tags.parquet", text=texts(20), tags=[[i, i + 1] for i in range(20)])
+    err = user_error(capsys, "finetune", "--dataset", str(lists), "--label-column", "tags")
+    assert "label column 'tags' holds list<item: int64>, not one class or score per row" in err
+    err = user_error(capsys, "inspect", str(hub_folder), "--column", "label")
+    assert "column 'label' holds Value('int64'), which has no length per row. Fix: --column" in err
+    err = user_error(capsys, "inspect", str(hub_folder), "--max-tokens", "2")
+    assert re.search(
+        r"max_tokens 2 is below the longest example \((\d+) words\).* Fix: --max-tokens \1 or more", err
+    )
+    assert "--streaming: the embedded demo dataset is map-style" in user_error(
+        capsys, "inspect", "demo", "--streaming"
+    )
+
+
 def test_token_budget_below_the_longest_example_names_max_length(capsys):
     err = user_error(capsys, "finetune", "--num-rows", "200", "--sampler", "tokens", "--max-tokens", "10")
     assert re.search(r"--max-tokens 10 is smaller than the longest example \((\d+) tokens after truncation at "

@@ -158,6 +158,9 @@ def check_finetune(args: Namespace) -> None:
 
 def check_inspect(args: Namespace) -> None:
     """Everything about an ``inspect`` command line that can be checked without loading data."""
+    if args.dataset == DEMO and args.streaming:
+        raise UsageError(f"--streaming: the embedded demo dataset is map-style. Fix: drop --streaming, or pass ./{DEMO} "
+                         "for a local folder of that name")  # fmt: skip
     check_dataset(args.dataset, "DATASET")
     check_pretrained(args.tokenizer, "--tokenizer", "tokenizer_config.json")
     check_out_dir(args.out, "--out")

@@ -187,8 +187,11 @@ def _labels(train: Any, val: Any, column: str, streaming: bool) -> LabelSet:
         known = set(labels.label2id) if labels.label2id is not None else set(range(len(labels.names)))
         unseen = sorted(set(held_out.to_numpy(zero_copy_only=False).tolist()) - known, key=str)
         if unseen:
+            shown = ", ".join(repr(v)[:40] for v in unseen[:3]) + (
+                f" and {len(unseen) - 3} more" if len(unseen) > 3 else ""
+            )
             raise hl.DataError(
-                f"label column {column!r}: the validation split has labels train never has: {unseen[:5]}. Fix: "
+                f"label column {column!r}: the validation split has labels train never has: {shown}. Fix: "
                 "a validation split drawn from the same classes, or --val-fraction on train alone"
             )
     return labels
@@ -225,6 +228,14 @@ def load_data(args: Namespace) -> Data:
         raise hl.DataError(f"--dataset {args.dataset}: {source} has 0 rows. Fix: a split or file with data")
     text = _column(train, args.text_column, TEXT_COLUMNS, "text", "--text-column")
     label = _column(train, args.label_column, ("label", "labels"), "label", "--label-column")
+    kind = getattr(train.features[text], "dtype", None)
+    if kind not in ("string", "large_string"):
+        raise hl.DataError(f"--text-column {text}: the column holds {train.features[text]}, not text. Fix: "
+                           f"--text-column NAME of a string column")  # fmt: skip
+    if label == text:
+        raise hl.DataError(
+            f"--label-column {label} is also the text column. Fix: --label-column NAME of the labels"
+        )
     if not streaming:  # before any split, so the rows named are the file's
         _check_labels_present(train, label, f"{source} (train)")
     if val is not None and not streaming:

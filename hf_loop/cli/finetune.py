@@ -101,7 +101,7 @@ def build_model(args: Namespace, data: Data) -> tuple[Any, Any]:
             label2id={n: i for i, n in enumerate(names)},
             ignore_mismatched_sizes=True,  # a new head when the checkpoint has another one
         )
-    except OSError as error:  # not found, not a model, no network: transformers' first line says which
+    except (OSError, ValueError) as error:  # not found, not a model, no network: the first line says which
         raise UsageError(f"--model {args.model}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # decoder-only models: padding is masked by position, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token

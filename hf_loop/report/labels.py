@@ -77,7 +77,8 @@ def label_set(
     """The label set of ``column`` (with a ``ClassLabel``'s ``names`` when the feature has them).
 
     Raises:
-        DataError: rows without a label (their count and the first rows), or negative class ids.
+        DataError: a list (or other nested) column, rows without a label (their count and the first rows), or
+            negative class ids.
 
     Example:
         >>> label_set(pa.array(["pos", "neg", "pos"])).names
@@ -85,6 +86,11 @@ def label_set(
         >>> label_set(pa.array([0.5, 2.0])).regression
         True
     """
+    if pa.types.is_nested(column.type):
+        raise DataError(
+            f"label column {name!r} holds {column.type}, not one class or score per row. Fix: a column with "
+            "one label per example (token-level labels need a token-classification model)"
+        )
     missing = missing_rows(column)
     if missing.size:
         raise DataError(
