@@ -516,7 +516,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def start_demo(out_dir: Path) -> subprocess.Popen:
-    argv = ["finetune", "--num-rows", "1200", "--log-every", "1", "--threads", "1", "--out-dir", str(out_dir)]
+    argv = ["finetune", "--num-rows", "600", "--log-every", "1", "--threads", "1", "--out-dir", str(out_dir)]
     return subprocess.Popen([sys.executable, "-m", "hf_loop.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env())  # fmt: skip
 
@@ -560,4 +560,4 @@ def test_closed_stdout_never_stops_training(tmp_path):
     assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err
     assert (tmp_path / "run" / "final").is_dir() and (tmp_path / "run" / "metrics.jsonl").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in records) == 68  # 1080 train rows / 32 = 34 steps x 2 epochs: all of them
+    assert max(r["step"] for r in records) == 34  # 540 train rows / 32 = 17 steps x 2 epochs: all of them
