@@ -107,14 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a bad value exits here with status 2
     try:
         (check_finetune if args.command == "finetune" else check_inspect)(args)
-        with progress_bars_on_a_terminal_only():
+        with progress_bars_on_a_terminal_only(models=args.command == "finetune"):
             return _finetune(args) if args.command == "finetune" else _inspect(args)
     except (UsageError, DataError) as error:  # the user's to fix: the message says how, a traceback would not
         error_line(args.command, f"error: {error}")
         return 2
-    except KeyboardInterrupt:  # before training started (loading data or a model)
-        error_line(args.command, "interrupted before training started; nothing was written")
-        return 130
+    except KeyboardInterrupt:  # while loading data or a model: nothing was written yet
+        when = " before training started" if args.command == "finetune" else ""
+        error_line(args.command, f"interrupted{when}; nothing was written")
+        return STOPPED["interrupted"]
 
 
 if __name__ == "__main__":

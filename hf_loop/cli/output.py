@@ -75,21 +75,22 @@ def _silence(stream: Any) -> None:
 
 
 @contextlib.contextmanager
-def progress_bars_on_a_terminal_only() -> Iterator[None]:
-    """Off, for datasets and transformers, while stderr is not a terminal: in a log file or a pipe their bars
-    are noise between the command's lines (and before its one-line errors). Restored afterwards."""
+def progress_bars_on_a_terminal_only(*, models: bool) -> Iterator[None]:
+    """Off, for datasets (and transformers with ``models``), while stderr is not a terminal: in a log file or a
+    pipe their bars are noise between the command's lines and before its one-line errors. Restored afterwards."""
     if sys.stderr.isatty():
         yield
         return
     import datasets
-    from transformers.utils import logging as transformers_logging
 
-    data_bars, model_bars = (
-        not datasets.are_progress_bars_disabled(),
-        transformers_logging.is_progress_bar_enabled(),
-    )
+    data_bars = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    transformers_logging.disable_progress_bar()
+    model_bars = False
+    if models:
+        from transformers.utils import logging as transformers_logging
+
+        model_bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
     try:
         yield
     finally:

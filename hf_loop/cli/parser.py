@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import NoReturn
 
 SAMPLERS = ("random", "weighted", "length", "tokens")
@@ -76,10 +75,10 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a text classifier or regressor (no arguments: the embedded demo, offline)",
         description="Fine-tune a sequence classifier (integer, string or ClassLabel labels) or a regressor "
-        "(float labels: MSE, reported as RMSE and R^2). With no arguments: a demo dataset built in code, a "
-        "tokenizer trained in-process and a tiny BERT - offline, about 10 s of training on 2 CPU cores. Runs "
-        "unchanged under `torchrun --nproc_per_node=N`. Ctrl-C checkpoints and stops (exit 130): run the same "
-        "command to continue.",
+        "(float labels: MSE, reported as RMSE and R^2). With no arguments: a demo dataset built "
+        "in code, a tokenizer trained in-process and a tiny BERT - offline, about 10 s of "
+        "training on 2 CPU cores. Runs unchanged under `torchrun --nproc_per_node=N`. Ctrl-C "
+        "checkpoints and stops (exit 130): run the same command to continue.",
     )
     data = ft.add_argument_group("data")
     add = data.add_argument
@@ -98,16 +97,16 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
     add(
         "--label-column",
         metavar="NAME",
-        help="column with the label: class ids, strings (mapped to ids) or "
-        "floats (regression) (default: label or labels)",
+        help="column with the label: class ids, strings (mapped to ids) or floats (regression) (default: "
+        "label or labels)",
     )
     add(
         "--val-fraction",
         type=fraction,
         default=0.1,
         metavar="F",
-        help="share of train held out for "
-        "validation when the dataset has no validation split, seeded (default: 0.1)",
+        help="share of train held out for validation when the dataset has no validation split, seeded "
+        "(default: 0.1)",
     )
     add(
         "--streaming",
@@ -125,8 +124,8 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         "--num-rows",
         type=positive_int,
         metavar="N",
-        help=f"rows of the embedded demo dataset (default: {DEMO_ROWS}; "
-        "for --dataset use --split 'train[:N]')",
+        help=f"rows of the embedded demo dataset (default: {DEMO_ROWS}; for --dataset use --split "
+        "'train[:N]')",
     )
 
     model = ft.add_argument_group("model and training")
@@ -166,9 +165,9 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         "--sampler",
         choices=SAMPLERS,
         default="length",
-        help="random (shuffled batches); weighted "
-        "(class-balanced draws with hl.class_weights); length (length-grouped batches in random order: little "
-        "padding, the default); tokens (token-budget batches, see --max-tokens) (default: length)",
+        help="random (shuffled batches); weighted (class-balanced draws with hl.class_weights); length "
+        "(length-grouped batches in random order: little padding, the default); tokens (token-budget "
+        "batches, see --max-tokens) (default: length)",
     )
     add(
         "--max-tokens",
@@ -180,8 +179,8 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="autocast precision: fp32 on CPU (bf16 there is "
-        "~2.6x slower), bf16 on a recent GPU (default: fp32)",
+        help="autocast precision: fp32 on CPU (bf16 there is ~2.6x slower), bf16 on a recent GPU (default: "
+        "fp32)",
     )
     add(
         "--grad-accum",
@@ -193,15 +192,15 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
     add(
         "--out-dir",
         metavar="DIR",
-        help="checkpoints, metrics.jsonl and the final model; resumes when DIR holds "
-        "a checkpoint (default: runs/finetune-<UTC time>)",
+        help="checkpoints, metrics.jsonl and the final model; resumes when DIR holds a checkpoint (default: "
+        "runs/finetune-<UTC time>)",
     )
     add(
         "--checkpoint-every",
         type=positive_int,
         metavar="N",
-        help="write a checkpoint every N optimizer steps, "
-        "so Ctrl-C or a crash loses little (default: a tenth of the run, between 10 and 500 steps)",
+        help="write a checkpoint every N optimizer steps, so Ctrl-C or a crash loses little (default: a "
+        "tenth of the run, between 10 and 500 steps)",
     )
     add(
         "--num-workers",
@@ -214,9 +213,9 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         "--threads",
         type=positive_int,
         metavar="N",
-        help="torch intra-op threads per process (default: the "
-        "physical cores this process may use, shared among local ranks and workers, capped by the cores "
-        "other processes leave idle; see hf_loop.threads)",
+        help="torch intra-op threads per process (default: the physical cores this process may use, shared "
+        "among local ranks and workers, capped by the cores other processes leave idle; see "
+        "hf_loop.threads)",
     )
     add("--seed", type=seed, default=0, help="seed of the split, sampler and initial weights (default: 0)")
     add(
@@ -232,16 +231,17 @@ def _inspect_parser(commands: argparse._SubParsersAction) -> None:
     ins = commands.add_parser(
         "inspect",
         help="report lengths, padding per sampler, label balance and the shard plan of a dataset",
-        description="Data report: length distribution (text and a histogram PNG), padding waste per strategy "
-        "(random, length-grouped, token-budget) computed with hf_loop's samplers, label balance with the class "
-        "weights sampler='weighted' would use, and for streams the shard plan over ranks x workers.",
+        description="Data report: length distribution (text and a histogram PNG), padding waste per "
+        "strategy (random, length-grouped, token-budget) computed with hf_loop's samplers, "
+        "label balance with the class weights sampler='weighted' would use, and for streams the "
+        "shard plan over ranks x workers.",
     )
     add = ins.add_argument
     add(
         "dataset",
         metavar="DATASET",
-        help=f"Hub id, local folder, data file, builder name, or '{DEMO}' for the "
-        f"embedded demo dataset (measured with its tokenizer; a local folder named {DEMO}: ./{DEMO})",
+        help=f"Hub id, local folder, data file, builder name, or '{DEMO}' for the embedded demo dataset "
+        f"(measured with its tokenizer; a local folder named {DEMO}: ./{DEMO})",
     )
     add("--config", metavar="NAME", help="dataset configuration (subset) name")
     add("--split", metavar="NAME", help="split to inspect (default: train, else the first)")
@@ -306,14 +306,10 @@ def build_parser() -> Parser:
     """
     parser = Parser(
         prog="hf-loop",
-        description="Hugging Face datasets to PyTorch training: fine-tune a classifier, or inspect a dataset.",
+        description="Hugging Face datasets to PyTorch training: fine-tune a classifier, or inspect a "
+        "dataset.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{finetune,inspect}")
     _finetune_parser(commands)
     _inspect_parser(commands)
     return parser
-
-
-def warn(message: str) -> None:
-    """One line on stderr, for a choice the user should know about but that is no error."""
-    print(f"hf-loop: note: {message}", file=sys.stderr)
