@@ -5,11 +5,13 @@ are read when torch starts): ``python -m hf_loop.cli finetune --max-steps N`` - 
 the tiny BERT, batch 32, length-grouped sampler, fp32, CPU - and reads the training time the command prints
 ("done in X s"), plus the whole command's wall time. Settings, interleaved and repeated (best of ``--repeat``):
 
-- torch default: ``--threads T`` with T = ``torch.get_num_threads()`` of a fresh process (what every run used
-  before hf_loop chose; one thread per physical core)
+- torch default: ``--threads T`` with T = ``torch.get_num_threads()`` of a fresh process (one thread per
+  physical core) and libgomp's default spin count (``GOMP_SPINCOUNT=300000``): what every run did before
 - 1 thread: ``--threads 1``
-- passive wait: torch's default count with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep, not spin)
-- hf_loop's choice: no ``--threads`` (hf_loop.threads.choose; the chosen count is read from the header)
+- passive wait: torch's default count with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep, never spin)
+- spin 1000: torch's default count, waiting threads spin 1000 times, then sleep (``GOMP_SPINCOUNT=1000``)
+- hf_loop's choice: no flag, no variable (``hf_loop.threads.choose`` and ``limit_spinning``; the header's
+  ``cpu:`` line says what was chosen)
 
 Two phases in one run: quiet (nothing started by this script; other users' load is reported), then busy: two
 plain CPU spinners per available core, started before and stopped after the phase by this script.
@@ -17,7 +19,7 @@ plain CPU spinners per available core, started before and stopped after the phas
 Done when (issue 12): busy, hf_loop's choice within 1.3x of the best setting; quiet, no slower than torch's
 default (the ratio is printed; the shared machine's noise is a few percent).
 
-Run: python benchmarks/threads.py [--steps 60] [--repeat 2] [--out benchmarks/results/threads.md]
+Run: python benchmarks/threads.py [--steps 60] [--repeat 2] [--busy-repeat 1] [--out benchmarks/results/threads.md]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from common import arguments, emit, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPIN = "while True: pass"
+LIBGOMP_SPINS = "300000"  # libgomp's own spin count when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set
 LIMIT, MIN_LIMIT = 6.0, 60.0  # runs longer than 6x the fastest command of the phase (and 60 s) are stopped
 
 
@@ -51,7 +54,7 @@ def settings(default: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (extra command-line flags, extra environment)."""
     return {
         "1 thread": (["--threads", "1"], {}),
-        f"torch default ({default})": (["--threads", str(default)], {}),
+        f"torch default ({default})": (["--threads", str(default)], {"GOMP_SPINCOUNT": LIBGOMP_SPINS}),
         f"passive wait ({default})": (["--threads", str(default)], {"OMP_WAIT_POLICY": "PASSIVE"}),
         f"spin 1000 ({default})": (["--threads", str(default)], {"GOMP_SPINCOUNT": "1000"}),
         "hf_loop's choice": ([], {}),
@@ -122,6 +125,7 @@ def ratio(a: float, b: float) -> str:
 
 def main() -> None:
     parser = arguments(__doc__, repeat=2, steps=60)
+    parser.add_argument("--busy-repeat", type=int, default=1, help="repeats under load (each run is slow)")
     args = parser.parse_args()
     default = torch_default_threads()
     candidates = settings(default)
@@ -129,17 +133,17 @@ def main() -> None:
     report = [
         "# Intra-op threads, quiet and busy (benchmarks/threads.py)",
         "",
-        f"{datetime.date.today()}, `python benchmarks/threads.py --steps {args.steps} --repeat {args.repeat}`: "
-        f"`hf-loop finetune --max-steps {args.steps}` (the default demo, shortened), one fresh process per "
-        f"measurement, best of {args.repeat} interleaved runs. Busy = {2 * cores} CPU spinners "
-        f"(two per core) started by the script.",
+        f"{datetime.date.today()}, `python benchmarks/threads.py --steps {args.steps} --repeat {args.repeat} "
+        f"--busy-repeat {args.busy_repeat}`: `hf-loop finetune --max-steps {args.steps}` (the default demo, "
+        f"shortened), one fresh process per measurement, best of {args.repeat} (quiet) and {args.busy_repeat} "
+        f"(busy) interleaved runs. Busy = {2 * cores} CPU spinners (two per core) started by the script.",
         "",
     ]
     quiet_rows, quiet = phase("quiet", args.steps, args.repeat, candidates)
     spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(2 * cores)]
     try:
         time.sleep(2)  # let the scheduler and the load average see them
-        busy_rows, busy = phase(f"busy ({2 * cores} spinners)", args.steps, args.repeat, candidates)
+        busy_rows, busy = phase(f"busy ({2 * cores} spinners)", args.steps, args.busy_repeat, candidates)
     finally:
         for spinner in spinners:
             spinner.kill()

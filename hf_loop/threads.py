@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,9 +37,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hf_loop.dist import DistEnv
 
-__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "physical_cores"]
+__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "limit_spinning", "physical_cores"]
 
 SAMPLE_SECONDS = 0.25  # long enough for ~25 scheduler ticks per CPU, short enough to go unnoticed at start
+SPIN_COUNT = 1000  # OpenMP busy-wait iterations before a waiting thread sleeps (libgomp's default: 300,000)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,30 @@ def choose(
         # Half an idle CPU or less is no room for a thread that must keep pace with the others.
         threads = max(1, min(threads, math.floor(idle / ranks + 0.5)))
     return ThreadChoice(threads, "cores", cores=cores, ranks=ranks, workers=num_workers, idle=idle)
+
+
+def limit_spinning(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Before torch is imported: let OpenMP's idle threads spin :data:`SPIN_COUNT` times before they sleep,
+    instead of libgomp's 300,000.
+
+    On an idle machine this costs nothing measurable; when other processes arrive on the cores after the
+    thread count was chosen, it turns a 10-40x collapse into ~1.4x (``benchmarks/results/threads.md``). libgomp
+    (torch's OpenMP on Linux) reads the setting once, when torch loads it, so this must run before
+    ``import torch``. Nothing is changed when the user set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
+
+    Returns:
+        The setting made (``"GOMP_SPINCOUNT=1000"``), or None when nothing was set: the user's own setting, or
+        torch was already imported (too late to take effect).
+
+    Example:
+        >>> limit_spinning({"OMP_WAIT_POLICY": "PASSIVE"}) is None     # the user's choice stands
+        True
+    """
+    environ = os.environ if environ is None else environ
+    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ or "torch" in sys.modules:
+        return None
+    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    return f"GOMP_SPINCOUNT={SPIN_COUNT}"
 
 
 def apply(

@@ -25,7 +25,6 @@ from hf_loop.cli.data import Data, Tokenize, load_data
 from hf_loop.cli.output import regression_scores
 from hf_loop.dist import DistEnv, broadcast_object
 from hf_loop.report import default_max_tokens, padding_waste
-from hf_loop.threads import ThreadChoice
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Plan:
     steps: int
     lr: float
     checkpoint_every: int
-    threads: ThreadChoice
+    cpu: str  # the thread choice, as the header prints it
     max_tokens: int | None = None
     expected_padding: dict[str, float] | None = None
     shard_plan: str | None = None
@@ -208,7 +207,7 @@ class Outcome:
 def run(
     args: Namespace,
     env: DistEnv,
-    threads: ThreadChoice,
+    cpu: str,
     log: output.RunLog,
 ) -> Outcome:
     """Train and evaluate; ``log`` prints the header and every log record (rank 0)."""
@@ -220,7 +219,7 @@ def run(
         )
     tokenizer, model = build_model(args, data)
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 5e-5)
-    plan = Plan(steps=0, lr=lr, checkpoint_every=0, threads=threads, baseline=baseline(data))
+    plan = Plan(steps=0, lr=lr, checkpoint_every=0, cpu=cpu, baseline=baseline(data))
     train_loader, eval_loader = build_loaders(args, data, tokenizer, env, plan)
     plan.steps = args.max_steps or args.epochs * -(-len(train_loader) // args.grad_accum)
     plan.checkpoint_every = args.checkpoint_every or default_checkpoint_every(plan.steps)

@@ -122,7 +122,7 @@ def header(args: Namespace, data: Data, model: Any, env: DistEnv, plan: Plan) ->
         f"{args.grad_accum}, sampler {args.sampler}"
         + (f" (max_tokens {plan.max_tokens})" if plan.max_tokens else "")
         + f", lr {plan.lr:g}, {args.precision}, device {env.device}",
-        f"cpu: {plan.threads}" + ("" if args.threads else "; --threads N to choose"),
+        f"cpu: {plan.cpu}" + ("" if args.threads else "; --threads N to choose"),
         f"checkpoints: every {plan.checkpoint_every} steps in {args.out_dir} (Ctrl-C: checkpoint and stop; run "
         "the same command to continue)",
     ]
