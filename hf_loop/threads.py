@@ -1,19 +1,25 @@
 """How many intra-op threads torch should use in this process, chosen from the cores it can really use.
 
-torch starts one intra-op (OpenMP) thread per physical core and lets them spin while they wait for each other.
-That is right on an idle machine and very wrong on a shared one: with other processes on the cores, one of
-torch's threads is often descheduled, and every parallel region waits a whole scheduler time slice for it.
-Measured on 2 cores with four busy processes (``benchmarks/results/threads.md``), the demo fine-tune took
-7-11x longer with torch's 2 threads than with 1; ``OMP_WAIT_POLICY=PASSIVE`` (sleep instead of spin) recovered
-only part of it and cost ~1.5x on the idle machine. Fewer threads is the fix that works in both cases, so the
-choice is:
+torch starts one intra-op (OpenMP) thread per physical core, and libgomp lets a thread that waits for the others
+spin 300,000 times before it sleeps. That is right on an idle machine and very wrong on a shared one: with other
+processes on the cores, one of torch's threads is often descheduled and the other spins through its time slice
+waiting for it. What was measured on 2 cores (``benchmarks/results/threads.md``; the demo fine-tune, tiny BERT):
+
+- idle: 2 threads ~1.3x faster than 1; ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) ~1.5x slower than the
+  default spin, ``GOMP_SPINCOUNT=1000`` ~5% slower, 3000 ~10%.
+- four busy processes (two per core): torch's 2 threads 5-20x slower than 1 thread; 2 threads with PASSIVE
+  ~1.15x, with ``GOMP_SPINCOUNT=1000`` ~1.4x, 10000 no better than the default.
+
+No wait policy is free on an idle machine and none beats one thread on a busy one, so the thread count is what
+is chosen, and OpenMP's waiting is left as it is:
 
 1. an explicit request (``--threads``, ``TrainConfig(threads=...)``), else ``OMP_NUM_THREADS`` when it is set
    (the user's, or torchrun's 1 per process): torch already applied it;
 2. else the physical cores of this process's CPU affinity (``os.sched_getaffinity``: taskset, cgroups, Slurm),
    shared among the ranks on this machine and minus one core per DataLoader worker;
-3. capped by the cores other processes leave idle, measured from ``/proc/stat`` over a short sample (Linux;
-   elsewhere no cap).
+3. capped by the CPUs other processes leave idle, sampled from ``/proc/stat`` for a quarter of a second when
+   the choice is made (Linux; elsewhere no cap). Load that arrives later is not seen: on machines where it comes
+   and goes, ``GOMP_SPINCOUNT=1000`` in the environment before torch starts caps the damage at ~1.4x for ~5%.
 
 Example:
     >>> choice = choose(requested=2)
@@ -27,9 +33,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +42,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hf_loop.dist import DistEnv
 
-__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "limit_spinning", "physical_cores"]
+__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "physical_cores"]
 
 SAMPLE_SECONDS = 0.25  # long enough for ~25 scheduler ticks per CPU, short enough to go unnoticed at start
-SPIN_COUNT = 1000  # OpenMP busy-wait iterations before a waiting thread sleeps (libgomp's default: 300,000)
 
 
 @dataclass(frozen=True)
@@ -182,30 +186,6 @@ def choose(
         # Half an idle CPU or less is no room for a thread that must keep pace with the others.
         threads = max(1, min(threads, math.floor(idle / ranks + 0.5)))
     return ThreadChoice(threads, "cores", cores=cores, ranks=ranks, workers=num_workers, idle=idle)
-
-
-def limit_spinning(environ: MutableMapping[str, str] | None = None) -> str | None:
-    """Before torch is imported: let OpenMP's idle threads spin :data:`SPIN_COUNT` times before they sleep,
-    instead of libgomp's 300,000.
-
-    On an idle machine this costs nothing measurable; when other processes arrive on the cores after the
-    thread count was chosen, it turns a 10-40x collapse into ~1.4x (``benchmarks/results/threads.md``). libgomp
-    (torch's OpenMP on Linux) reads the setting once, when torch loads it, so this must run before
-    ``import torch``. Nothing is changed when the user set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
-
-    Returns:
-        The setting made (``"GOMP_SPINCOUNT=1000"``), or None when nothing was set: the user's own setting, or
-        torch was already imported (too late to take effect).
-
-    Example:
-        >>> limit_spinning({"OMP_WAIT_POLICY": "PASSIVE"}) is None     # the user's choice stands
-        True
-    """
-    environ = os.environ if environ is None else environ
-    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ or "torch" in sys.modules:
-        return None
-    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
-    return f"GOMP_SPINCOUNT={SPIN_COUNT}"
 
 
 def apply(

@@ -62,21 +62,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from hf_loop import threads
-
-    spin = threads.limit_spinning()  # before torch loads its OpenMP runtime, which reads it once
-
     import hf_loop as hl
+    from hf_loop import threads
     from hf_loop.cli import finetune, output
 
     env = hl.init_distributed()
     log = output.RunLog(Console(enabled=env.is_main))
     try:
         choice = threads.apply(args.threads, env=env, num_workers=args.num_workers)
-        cpu = str(choice) + (f", {spin}" if spin else "")
         args.out_dir = args.out_dir or finetune.default_out_dir(env)
         started = time.perf_counter()
-        outcome = finetune.run(args, env, cpu, log)
+        outcome = finetune.run(args, env, str(choice), log)
         if outcome.result.stop_reason in STOPPED:  # the first Ctrl-C (or SIGTERM): hl.train checkpointed
             if env.is_main:
                 error_line("finetune", output.stop_line(outcome))
