@@ -6,9 +6,9 @@ processes on the cores, one of torch's threads is often descheduled and the othe
 waiting for it. What was measured on 2 cores (``benchmarks/results/threads.md``; the demo fine-tune, tiny BERT):
 
 - idle: 2 threads ~1.3x faster than 1; ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) ~1.5x slower than the
-  default spin, ``GOMP_SPINCOUNT=1000`` ~5% slower, 3000 ~10%.
-- four busy processes (two per core): torch's 2 threads 5-20x slower than 1 thread; 2 threads with PASSIVE
-  ~1.15x, with ``GOMP_SPINCOUNT=1000`` ~1.4x, 10000 no better than the default.
+  default spin, ``GOMP_SPINCOUNT=1000`` ~5-8% slower, 3000 ~15%, 10000 no difference.
+- four busy processes (two per core): torch's 2 threads 3-90x slower than 1 thread (6x in the benchmark); 2
+  threads with PASSIVE as fast as 1 thread, with ``GOMP_SPINCOUNT=1000`` ~1.4x, 10000 ~4x.
 
 No wait policy is free on an idle machine and none beats one thread on a busy one, so the thread count is what
 is chosen, and OpenMP's waiting is left as it is:
