@@ -7,7 +7,7 @@ waiting for it. What was measured on 2 cores (``benchmarks/results/threads.md``;
 
 - idle: 2 threads ~1.3x faster than 1; ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) ~1.5x slower than the
   default spin, ``GOMP_SPINCOUNT=1000`` ~5-8% slower, 3000 ~15%, 10000 no difference.
-- four busy processes (two per core): torch's 2 threads 3-90x slower than 1 thread (6x in the benchmark); 2
+- four busy processes (two per core): torch's 2 threads 3-60x slower than 1 thread (6x in the benchmark); 2
   threads with PASSIVE as fast as 1 thread, with ``GOMP_SPINCOUNT=1000`` ~1.4x, 10000 ~4x.
 
 No wait policy is free on an idle machine and none beats one thread on a busy one, so the thread count is what
