@@ -190,6 +190,9 @@ def test_empty_data_files(tmp_path, capsys):
         assert f"--dataset {tmp_path / name}: {tmp_path / name} holds no rows" in err
     folder = tmp_path / "folder"
     folder.mkdir()
+    assert "the folder holds no data files (.parquet, .csv" in user_error(
+        capsys, "finetune", "--dataset", str(folder)
+    )
     (folder / "header.csv").write_text("text,label\n")
     assert "holds no rows" in user_error(capsys, "inspect", str(folder))
 

@@ -26,10 +26,20 @@ def looks_like_path(value: str) -> bool:
     return value.startswith(PATH_PREFIXES) or value.lower().endswith(DATA_SUFFIXES) or value in (".", "..")
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def _is_data_file(path: Path) -> bool:
+    name = path.name.lower()
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    return name.endswith(DATA_SUFFIXES)
+
+
 def _data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    return sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p))
 
 
 def _empty(file: Path) -> bool:
@@ -42,7 +52,7 @@ def _empty(file: Path) -> bool:
             return pq.read_metadata(file).num_rows == 0
         except Exception:  # not parquet at all: datasets will say so, naming the file
             return False
-    if file.suffix.lower() == ".arrow":
+    if file.suffix.lower() in (".arrow", *COMPRESSED):
         return file.stat().st_size == 0
     with open(file, "rb") as f:
         lines = [line for line in (f.readline() for _ in range(2)) if line.strip()]
@@ -62,7 +72,13 @@ def check_dataset(value: str | None, flag: str = "--dataset") -> None:
                 "id such as org/name"
             )
         return
-    for file in _data_files(path):
+    files = _data_files(path)
+    if not files:
+        raise UsageError(
+            f"{flag} {value}: the folder holds no data files ({', '.join(DATA_SUFFIXES)}). Fix: the folder "
+            "with the data, or a Hub id"
+        )
+    for file in files:
         if _empty(file):
             raise UsageError(f"{flag} {value}: {file} holds no rows. Fix: write data into it, or remove it")
 

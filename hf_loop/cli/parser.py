@@ -76,8 +76,8 @@ def _finetune_parser(commands: argparse._SubParsersAction) -> None:
         help="fine-tune a text classifier or regressor (no arguments: the embedded demo, offline)",
         description="Fine-tune a sequence classifier (integer, string or ClassLabel labels) or a regressor "
         "(float labels: MSE, reported as RMSE and R^2). With no arguments: a demo dataset built "
-        "in code, a tokenizer trained in-process and a tiny BERT - offline, about 10 s of "
-        "training on 2 CPU cores. Runs unchanged under `torchrun --nproc_per_node=N`. Ctrl-C "
+        "in code, a tokenizer trained in-process and a tiny BERT - offline, about 10 s on 2 idle "
+        "CPU cores. Runs unchanged under `torchrun --nproc_per_node=N`. Ctrl-C "
         "checkpoints and stops (exit 130): run the same command to continue.",
     )
     data = ft.add_argument_group("data")
