@@ -197,22 +197,42 @@ def _labels(train: Any, val: Any, column: str, streaming: bool) -> LabelSet:
     return labels
 
 
+def _load(args: Namespace) -> tuple[Any, str]:
+    """What ``--dataset`` (and ``--config``, ``--split``) name, as loaded, and how the header calls it."""
+    if args.dataset is None:
+        rows = args.num_rows or DEMO_ROWS
+        return demo.make_dataset(rows, seed=args.seed), f"embedded demo ({rows} rows)"
+    if args.split is None or not any(c in args.split for c in "[+"):
+        return hl.load(args.dataset, args.config, streaming=args.streaming), args.dataset
+    try:  # "train[:2000]": that slice only
+        loaded = hl.load(args.dataset, args.config, split=args.split, streaming=args.streaming)
+    except hl.DataError:
+        raise
+    except ValueError as error:  # datasets' split grammar: "Unrecognized instruction format: ..."
+        raise hl.DataError(f"--split {args.split}: {error}. Fix: e.g. --split 'train[:2000]'") from None
+    return loaded, f"{args.dataset} [{args.split}]"
+
+
+def _text_and_label(train: Any, args: Namespace) -> tuple[str, str]:
+    """The text and label columns: given by the flags, else found by name; the text must be strings."""
+    text = _column(train, args.text_column, TEXT_COLUMNS, "text", "--text-column")
+    label = _column(train, args.label_column, ("label", "labels"), "label", "--label-column")
+    if getattr(train.features[text], "dtype", None) not in ("string", "large_string"):
+        raise hl.DataError(
+            f"--text-column {text}: the column holds {train.features[text]}, not text. Fix: --text-column NAME "
+            "of a string column"
+        )
+    if label == text:
+        raise hl.DataError(
+            f"--label-column {label} is also the text column. Fix: --label-column NAME of the labels"
+        )
+    return text, label
+
+
 def load_data(args: Namespace) -> Data:
     """The train split, a validation split (the dataset's own, else carved from train), and the label set."""
     notes: list[str] = []
-    if args.dataset is None:
-        rows = args.num_rows or DEMO_ROWS
-        loaded, source = demo.make_dataset(rows, seed=args.seed), f"embedded demo ({rows} rows)"
-    elif args.split is not None and any(c in args.split for c in "[+"):  # "train[:2000]": that slice only
-        try:
-            loaded = hl.load(args.dataset, args.config, split=args.split, streaming=args.streaming)
-        except hl.DataError:
-            raise
-        except ValueError as error:  # datasets' split grammar: "Unrecognized instruction format: ..."
-            raise hl.DataError(f"--split {args.split}: {error}. Fix: e.g. --split 'train[:2000]'") from None
-        source = f"{args.dataset} [{args.split}]"
-    else:
-        loaded, source = hl.load(args.dataset, args.config, streaming=args.streaming), args.dataset
+    loaded, source = _load(args)
     val = None
     if hasattr(loaded, "keys"):  # a DatasetDict: pick train, and a validation split when there is one
         split = args.split or "train"
@@ -226,20 +246,11 @@ def load_data(args: Namespace) -> Data:
     streaming = not hasattr(train, "__getitems__")
     if not streaming and len(train) == 0:
         raise hl.DataError(f"--dataset {args.dataset}: {source} has 0 rows. Fix: a split or file with data")
-    text = _column(train, args.text_column, TEXT_COLUMNS, "text", "--text-column")
-    label = _column(train, args.label_column, ("label", "labels"), "label", "--label-column")
-    kind = getattr(train.features[text], "dtype", None)
-    if kind not in ("string", "large_string"):
-        raise hl.DataError(f"--text-column {text}: the column holds {train.features[text]}, not text. Fix: "
-                           f"--text-column NAME of a string column")  # fmt: skip
-    if label == text:
-        raise hl.DataError(
-            f"--label-column {label} is also the text column. Fix: --label-column NAME of the labels"
-        )
+    text, label = _text_and_label(train, args)
     if not streaming:  # before any split, so the rows named are the file's
         _check_labels_present(train, label, f"{source} (train)")
-    if val is not None and not streaming:
-        _check_labels_present(val, label, f"{source} (validation)")
+        if val is not None:
+            _check_labels_present(val, label, f"{source} (validation)")
     if val is None and streaming:
         pct = args.val_fraction
         val = datasets_from_rows(
