@@ -6,65 +6,68 @@ Everything public is importable from the top level::
 
     ds = hl.load("org/name", split="train")
     loader = hl.make_loader(hl.MapDataset(ds, transform=tokenize), batch_size=32, sampler="length")
+
+Names are resolved on first use (PEP 562): ``import hf_loop`` itself imports neither torch nor datasets, so
+``hf-loop --help`` and the command line's argument checks answer in a fraction of a second.
 """
 
-from hf_loop.adapters import to_torch
-from hf_loop.collate import PackCollator, PadCollator
-from hf_loop.config import TrainConfig, TrainResult
-from hf_loop.data import Columns, MapDataset
-from hf_loop.dist import DistEnv, even_steps, init_distributed, shutdown_distributed
-from hf_loop.errors import CheckpointError, DataError
-from hf_loop.evaluation import count_parameters, evaluate, predict
-from hf_loop.fsdp import shard
-from hf_loop.hub import load
-from hf_loop.loader import Loader, make_loader
-from hf_loop.loop import train
-from hf_loop.report import plot_run
-from hf_loop.samplers import (
-    DistributedSampler,
-    LengthGroupedSampler,
-    RandomSampler,
-    SequentialSampler,
-    SubsetSampler,
-    TokenBudgetBatchSampler,
-    WeightedSampler,
-    class_weights,
-)
-from hf_loop.stream import StreamDataset
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "Columns",
-    "DataError",
-    "DistEnv",
-    "DistributedSampler",
-    "LengthGroupedSampler",
-    "Loader",
-    "MapDataset",
-    "PackCollator",
-    "PadCollator",
-    "RandomSampler",
-    "SequentialSampler",
-    "StreamDataset",
-    "SubsetSampler",
-    "TokenBudgetBatchSampler",
-    "TrainConfig",
-    "TrainResult",
-    "WeightedSampler",
-    "__version__",
-    "class_weights",
-    "count_parameters",
-    "even_steps",
-    "evaluate",
-    "init_distributed",
-    "load",
-    "make_loader",
-    "plot_run",
-    "predict",
-    "shard",
-    "shutdown_distributed",
-    "to_torch",
-    "train",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "PackCollator": "collate",
+    "PadCollator": "collate",
+    "TrainConfig": "config",
+    "TrainResult": "config",
+    "Columns": "data",
+    "MapDataset": "data",
+    "to_torch": "adapters",
+    "DistEnv": "dist",
+    "even_steps": "dist",
+    "init_distributed": "dist",
+    "shutdown_distributed": "dist",
+    "CheckpointError": "errors",
+    "DataError": "errors",
+    "count_parameters": "evaluation",
+    "evaluate": "evaluation",
+    "predict": "evaluation",
+    "shard": "fsdp",
+    "load": "hub",
+    "Loader": "loader",
+    "make_loader": "loader",
+    "train": "loop",
+    "plot_run": "report",
+    "DistributedSampler": "samplers",
+    "LengthGroupedSampler": "samplers",
+    "RandomSampler": "samplers",
+    "SequentialSampler": "samplers",
+    "SubsetSampler": "samplers",
+    "TokenBudgetBatchSampler": "samplers",
+    "WeightedSampler": "samplers",
+    "class_weights": "samplers",
+    "StreamDataset": "stream",
+}
+# modules reached as attributes: hl.threads.choose(...), hl.demo.make_dataset(...)
+_SUBMODULES = ("demo", "report", "threads")
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f"hf_loop.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = import_module(f"hf_loop.{name}")
+    else:
+        raise AttributeError(f"module 'hf_loop' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -66,6 +66,7 @@ class TrainConfig:
     export: bool = True
     resume_allow: Sequence[str] = ()
     async_checkpoint: bool = False
+    threads: int | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum", "log_every", "keep_last"):
@@ -100,6 +101,8 @@ class TrainConfig:
                 f"got {type(self.scheduler).__name__}"
             )
         integer("TrainConfig.seed", self.seed, 0)
+        if self.threads != "auto":
+            optional_integer("TrainConfig.threads", self.threads, 1)
         for name in ("compile", "progress", "greater_is_better", "ddp_find_unused_parameters",
                      "ddp_static_graph", "export", "async_checkpoint"):  # fmt: skip
             boolean(f"TrainConfig.{name}", getattr(self, name))

@@ -136,6 +136,7 @@ def make_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    problem_type: str | None = None,
 ) -> Any:
     """A tiny BERT ``AutoModelForSequenceClassification`` built from a config (no download), seeded.
 
@@ -147,6 +148,8 @@ def make_model(
         hidden_size: width (heads = hidden_size // 16, feed-forward = 2 x hidden_size).
         num_layers: transformer layers.
         seed: seed of the initial weights.
+        problem_type: transformers' ``problem_type``: "regression" (with ``num_labels=1``: an MSE loss on float
+            labels), "single_label_classification", ...; None lets transformers infer it from the labels.
 
     Example:
         >>> model = make_model(train_tokenizer())
@@ -167,6 +170,7 @@ def make_model(
         num_labels=num_labels,
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
+        problem_type=problem_type,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

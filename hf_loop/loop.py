@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hf_loop import threads
 from hf_loop.checkpoint import Checkpointer, run_identity
 from hf_loop.config import TrainConfig, TrainResult
 from hf_loop.dist import DistEnv, all_reduce, barrier, default_device
@@ -229,6 +230,10 @@ def train(
     env = env or DistEnv(device=default_device())
     feed = Feed(train_loader, env, config.grad_accum)
     _check_arguments(config, feed, train_loader, eval_loader)
+    if config.threads is not None and env.device.type == "cpu":
+        chosen = threads.apply(None if config.threads == "auto" else config.threads, env=env,
+                               num_workers=getattr(train_loader, "num_workers", 0))  # fmt: skip
+        logger.info("cpu: %s", chosen)
     raw = model.to(env.device)
     state = TrainState()
     scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # the loop owns it

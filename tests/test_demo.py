@@ -60,3 +60,13 @@ def test_model_is_tiny_seeded_and_leaves_the_global_rng_alone():
     out = m1(**batch, labels=torch.tensor([1, 2]))
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
     assert m1.config.id2label == {0: "other", 1: "sports", 2: "finance"}
+
+
+def test_regression_model_has_one_output_and_an_mse_loss():
+    tok = demo.train_tokenizer()
+    model = demo.make_model(tok, num_labels=1, problem_type="regression")
+    batch = tok(["goal w", "bank loan stock"], padding=True, return_tensors="pt")
+    targets = torch.tensor([0.5, 2.0])
+    out = model(**batch, labels=targets)
+    assert out.logits.shape == (2, 1) and model.config.problem_type == "regression"
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))

@@ -100,7 +100,38 @@ def test_inspect_dataset_object_with_token_column_and_words():
     words = report.inspect(Dataset.from_dict({"text": ["a b c", " d  e ", ""]}), out=None)
     assert (words.unit, words.lengths["total"], words.labels) == ("words", 5, None)
     scores = report.inspect(Dataset.from_dict({"text": ["a", "b c"], "label": [0.5, 1.5]}), out=None)
-    assert scores.labels is None and "holds floats (regression?)" in scores.notes[0]
+    assert scores.labels is None and "holds floats: regression targets" in scores.notes[0]
+
+
+def test_inspect_notes_rows_without_a_label_and_balances_the_rest():
+    ds = Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, None, 1, 1]})
+    rep = report.inspect(ds, out=None)
+    assert rep.notes == ["label column 'label': 1 of 4 rows have no label (NaN or null): rows 1"]
+    assert [(r["label"], r["count"]) for r in rep.labels] == [(0, 1), (1, 2)]
+    nan = report.inspect(
+        Dataset.from_dict({"text": ["a", "b", "c"], "label": [0.5, float("nan"), 1.0]}), out=None
+    )
+    assert "1 of 3 rows have no label (NaN or null): rows 1" in nan.notes[0] and "regression" in nan.notes[1]
+
+
+def test_label_set_kinds_and_refusals():
+    import pyarrow as pa
+
+    assert report.label_set(pa.array([2, 0, 2])) == report.LabelSet(False, ("0", "1", "2"))
+    strings = report.label_set(pa.chunked_array([["pos", "neg"], ["pos"]]))
+    assert strings.names == ("neg", "pos") and strings.ids(pa.array(["pos", "neg"])).tolist() == [1, 0]
+    assert report.label_set(pa.array([0, 1]), ["no", "yes"]).names == ("no", "yes")  # a ClassLabel's names
+    assert report.label_set(pa.array([0.25, 3.0])) == report.LabelSet(True)
+    assert report.is_regression(pa.array([1.0])) and not report.is_regression(pa.array(["1.0"]))
+    with pytest.raises(hl.DataError, match=r"label column 'y' holds -1: class ids must be >= 0"):
+        report.label_set(pa.array([0, -1]), name="y")
+    values = [float("nan") if i % 4 == 1 else 1.0 for i in range(40)]
+    message = (
+        r"label column 'y': 10 of 40 rows have no label \(NaN or null\): rows 1, 5, 9, 13, 17 and 5 more"
+    )
+    with pytest.raises(hl.DataError, match=message):
+        report.label_set(pa.array(values), name="y")
+    assert report.missing_rows(pa.array(["a", None, "b"])).tolist() == [1]
 
 
 def test_inspect_errors_name_what_exists(hub_folder):

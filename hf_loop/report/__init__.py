@@ -12,6 +12,7 @@ Example:
 """
 
 from hf_loop.report.inspection import inspect, measure
+from hf_loop.report.labels import LabelSet, describe_missing, is_regression, label_set, missing_rows
 from hf_loop.report.numbers import (
     STRATEGIES,
     DataReport,
@@ -27,12 +28,17 @@ __all__ = [
     "METRICS_FILE",
     "STRATEGIES",
     "DataReport",
+    "LabelSet",
     "batch_waste",
     "default_max_tokens",
+    "describe_missing",
     "inspect",
+    "is_regression",
     "label_balance",
+    "label_set",
     "length_summary",
     "measure",
+    "missing_rows",
     "padding_waste",
     "plot_lengths",
     "plot_run",

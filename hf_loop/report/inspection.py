@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from hf_loop.errors import DataError
+from hf_loop.report.labels import describe_missing, is_regression, missing_rows
 from hf_loop.report.numbers import DataReport
 from hf_loop.report.plots import plot_lengths
 
@@ -33,11 +36,16 @@ def measure(ds: Any, column: str, tokenizer: Any = None) -> tuple[np.ndarray, st
     if column not in ds.column_names:
         raise DataError(f"no column {column!r} to measure; columns: {ds.column_names}. Fix: --column NAME")
     if not _is_text(ds, column):
+        if not pa.types.is_list(_arrow_column(ds, column).type) and not pa.types.is_large_list(
+            _arrow_column(ds, column).type
+        ):
+            raise DataError(
+                f"column {column!r} holds {ds.features[column]}, which has no length per row. Fix: --column with "
+                "text or token ids"
+            )
         unit = "tokens" if column in ("input_ids", "labels") else "items"
         return MapDataset(ds, rename_label=False).lengths(column), unit
     if tokenizer is None:
-        import pyarrow.compute as pc
-
         text = _arrow_column(ds, column)
         words = pc.count_substring_regex(text, r"\S+").fill_null(0)
         return np.asarray(words, dtype=np.int64), "words"
@@ -152,14 +160,32 @@ def inspect(
         notes.append(f"streamed: lengths and labels from the first {len(rows)} examples")
     column = _pick_column(ds, column)
     lengths, unit = measure(ds, column, tokenizer)
+    if max_tokens is not None and lengths.size and max_tokens < lengths.max():
+        raise DataError(
+            f"max_tokens {max_tokens} is below the longest example ({lengths.max()} {unit}): it would fit no "
+            f"batch. Fix: --max-tokens {lengths.max()} or more"
+        )
     label_column = _pick_labels(ds, label_column)
     labels = names = None
     if label_column is not None:
-        labels = _arrow_column(ds, label_column).to_numpy(zero_copy_only=False)
+        values = _arrow_column(ds, label_column)
         names = getattr(ds.features[label_column], "names", None)
-        if labels.dtype.kind == "f":  # regression targets: class balance would list every distinct value
-            notes.append(f"label column {label_column!r} holds floats (regression?): no class balance")
-            labels = None
+        missing = missing_rows(values)
+        if pa.types.is_nested(values.type):
+            notes.append(
+                f"label column {label_column!r} holds {values.type}, not one label per row: no class balance"
+            )
+            values = values.slice(0, 0)
+        elif missing.size:
+            notes.append(f"label column {label_column!r}: {describe_missing(missing, len(values))}")
+            values = values.filter(pc.invert(pc.is_null(values, nan_is_null=True)))
+        if is_regression(values):  # class balance would list every distinct value
+            notes.append(
+                f"label column {label_column!r} holds floats: regression targets (hf-loop finetune trains an "
+                "MSE head), no class balance"
+            )
+        elif len(values):
+            labels = values.to_numpy(zero_copy_only=False)
     report = DataReport.from_lengths(
         lengths,
         batch_size=batch_size,

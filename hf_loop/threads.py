@@ -1,0 +1,214 @@
+"""How many intra-op threads torch should use in this process, chosen from the cores it can really use.
+
+torch starts one intra-op (OpenMP) thread per physical core, and libgomp lets a thread that waits for the others
+spin 300,000 times before it sleeps. That is right on an idle machine and very wrong on a shared one: with other
+processes on the cores, one of torch's threads is often descheduled and the other spins through its time slice
+waiting for it. What was measured on 2 cores (``benchmarks/results/threads.md``; the demo fine-tune, tiny BERT):
+
+- idle: 2 threads ~1.3x faster than 1; ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) ~1.5x slower than the
+  default spin, ``GOMP_SPINCOUNT=1000`` ~5-8% slower, 3000 ~15%, 10000 no difference.
+- four busy processes (two per core): torch's 2 threads 3-60x slower than 1 thread (6x in the benchmark); 2
+  threads with PASSIVE as fast as 1 thread, with ``GOMP_SPINCOUNT=1000`` ~1.4x, 10000 ~4x.
+
+No wait policy is free on an idle machine and none beats one thread on a busy one, so the thread count is what
+is chosen, and OpenMP's waiting is left as it is:
+
+1. an explicit request (``--threads``, ``TrainConfig(threads=...)``), else ``OMP_NUM_THREADS`` when it is set
+   (the user's, or torchrun's 1 per process): torch already applied it;
+2. else the physical cores of this process's CPU affinity (``os.sched_getaffinity``: taskset, cgroups, Slurm),
+   shared among the ranks on this machine and minus one core per DataLoader worker;
+3. capped by the CPUs other processes leave idle, sampled from ``/proc/stat`` for a quarter of a second when
+   the choice is made (Linux; elsewhere no cap). Load that arrives later is not seen: on machines where it comes
+   and goes, ``GOMP_SPINCOUNT=1000`` in the environment before torch starts caps the damage at ~1.4x for ~5%.
+
+Example:
+    >>> choice = choose(requested=2)
+    >>> choice.threads, choice.source
+    (2, 'requested')
+    >>> str(choose(requested=1))
+    '1 intra-op thread (requested)'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hf_loop.dist import DistEnv
+
+__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "physical_cores"]
+
+SAMPLE_SECONDS = 0.25  # long enough for ~25 scheduler ticks per CPU, short enough to go unnoticed at start
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """A thread count and why: ``source`` is "requested", "OMP_NUM_THREADS" or "cores".
+
+    ``cores`` (physical cores this process may use), ``ranks`` (local processes sharing them), ``workers``
+    (DataLoader workers per rank) and ``idle`` (CPUs other processes left idle during the sample, None when not
+    measured) are the inputs of a "cores" choice.
+    """
+
+    threads: int
+    source: str
+    cores: int | None = None
+    ranks: int = 1
+    workers: int = 0
+    idle: float | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
+        if self.source != "cores":
+            return f"{text} ({self.source})"
+        parts = [f"{self.cores} core{'s' if self.cores != 1 else ''}"]
+        if self.ranks > 1:
+            parts.append(f"shared by {self.ranks} local ranks")
+        if self.workers:
+            parts.append(f"minus {self.workers} DataLoader worker{'s' if self.workers != 1 else ''}")
+        if self.idle is not None:
+            parts.append(f"{self.idle:.1f} idle")
+        return f"{text} ({', '.join(parts)})"
+
+
+def physical_cores(cpus: Collection[int]) -> int:
+    """How many physical cores the logical ``cpus`` span (hyper-threads share one), from sysfs on Linux.
+
+    Elsewhere, or when sysfs does not say, every logical CPU counts as a core.
+
+    Example:
+        >>> physical_cores({0}) == 1
+        True
+    """
+    cores = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def _cpu_ticks(cpus: Collection[int]) -> tuple[int, int] | None:
+    """(idle, total) scheduler ticks of ``cpus`` since boot, from /proc/stat; None where it cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    idle = total = 0
+    names = {f"cpu{c}" for c in cpus}
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in names:
+            ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            idle += ticks[3] + ticks[4]
+            total += sum(ticks)
+    return (idle, total) if total else None
+
+
+def idle_cpus(cpus: Collection[int], seconds: float = SAMPLE_SECONDS) -> float | None:
+    """How many of ``cpus`` other processes leave idle: sampled from /proc/stat over ``seconds``.
+
+    This process's own CPU time in the sample is counted as idle (it is not competition). Returns None where
+    /proc/stat is unavailable (not Linux).
+
+    Example:
+        >>> idle = idle_cpus({0}, seconds=0.05)
+        >>> idle is None or 0.0 <= idle <= 1.0
+        True
+    """
+    before, own_before, started = _cpu_ticks(cpus), os.times(), time.monotonic()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after, own_after = _cpu_ticks(cpus), os.times()
+    if after is None or after[1] == before[1]:
+        return None
+    share_idle = (after[0] - before[0]) / (after[1] - before[1])  # ticks, so no clock rate is needed
+    elapsed = max(time.monotonic() - started, 1e-9)
+    own = (own_after.user - own_before.user + own_after.system - own_before.system) / elapsed
+    return min(float(len(cpus)), share_idle * len(cpus) + own)
+
+
+def _local_ranks(env: DistEnv | None, environ: Mapping[str, str]) -> int:
+    if env is None or env.world_size == 1:
+        return 1
+    # torchrun's processes on this machine; without it, every rank is assumed to be local (the safe side)
+    return max(1, int(environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+
+
+def choose(
+    env: DistEnv | None = None,
+    num_workers: int = 0,
+    *,
+    requested: int | None = None,
+    sample_seconds: float = SAMPLE_SECONDS,
+    environ: Mapping[str, str] | None = None,
+) -> ThreadChoice:
+    """The intra-op thread count for this process (see the module docstring for the rule and measurements).
+
+    Args:
+        env: this process's place in the job (its ranks share the machine); default one process.
+        num_workers: DataLoader worker processes of this rank (each gets a core of its own).
+        requested: an explicit count (``--threads``); wins over everything else.
+        sample_seconds: length of the idle-CPU sample; 0 skips it (the choice then ignores other processes).
+        environ: the environment to read ``OMP_NUM_THREADS`` and ``LOCAL_WORLD_SIZE`` from; default
+            ``os.environ``.
+
+    Example:
+        >>> choose(environ={"OMP_NUM_THREADS": "3"}).threads
+        3
+        >>> choose(num_workers=64, sample_seconds=0).threads   # workers take every core: one thread is left
+        1
+    """
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be an int >= 1 (or None to choose), got {requested!r}")
+        return ThreadChoice(requested, "requested")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    environ = os.environ if environ is None else environ
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return ThreadChoice(int(omp), "OMP_NUM_THREADS")
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, ranks = physical_cores(cpus), _local_ranks(env, environ)
+    threads = max(1, cores // ranks - num_workers)
+    idle = idle_cpus(cpus, sample_seconds) if sample_seconds > 0 else None
+    if idle is not None:
+        # Half an idle CPU or less is no room for a thread that must keep pace with the others.
+        threads = max(1, min(threads, math.floor(idle / ranks + 0.5)))
+    return ThreadChoice(threads, "cores", cores=cores, ranks=ranks, workers=num_workers, idle=idle)
+
+
+def apply(
+    requested: int | None = None,
+    *,
+    env: DistEnv | None = None,
+    num_workers: int = 0,
+    sample_seconds: float = SAMPLE_SECONDS,
+) -> ThreadChoice:
+    """Choose the intra-op thread count (:func:`choose`) and set it with ``torch.set_num_threads``.
+
+    Call it from the thread that runs the model: OpenMP keeps the count per calling thread.
+
+    Example:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> apply(1).threads == torch.get_num_threads() == 1
+        True
+        >>> torch.set_num_threads(before)
+    """
+    import torch
+
+    choice = choose(env, num_workers, requested=requested, sample_seconds=sample_seconds)
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
+    return choice
