@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from argparse import Namespace
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,23 +21,9 @@ from hf_loop import demo
 from hf_loop.cli import output
 from hf_loop.cli.checks import UsageError
 from hf_loop.cli.data import Data, Tokenize, load_data
-from hf_loop.cli.output import regression_scores
+from hf_loop.cli.output import Outcome, Plan, regression_scores
 from hf_loop.dist import DistEnv, broadcast_object
 from hf_loop.report import default_max_tokens, padding_waste
-
-
-@dataclass
-class Plan:
-    """What the run will do, as the header and the summary report it."""
-
-    steps: int
-    lr: float
-    checkpoint_every: int
-    cpu: str  # the thread choice, as the header prints it
-    max_tokens: int | None = None
-    expected_padding: dict[str, float] | None = None
-    shard_plan: str | None = None
-    baseline: dict[str, Any] = field(default_factory=dict)
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -190,18 +175,6 @@ def baseline(data: Data) -> dict[str, Any]:
     seen = val if data.streaming else data.label_ids(data.train)
     majority = int(np.bincount(seen).argmax())
     return {"majority": data.labels.names[majority], "accuracy": float(np.mean(val == majority))}
-
-
-@dataclass
-class Outcome:
-    """The numbers of the final summary."""
-
-    data: Data
-    plan: Plan
-    result: Any  # hl.TrainResult
-    eval: dict[str, float]
-    seconds: float
-    out_dir: str
 
 
 def run(

@@ -11,12 +11,39 @@ import os
 import sys
 from argparse import Namespace
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hf_loop.cli.data import Data
-    from hf_loop.cli.finetune import Outcome, Plan
     from hf_loop.dist import DistEnv
+
+
+@dataclass
+class Plan:
+    """What the run will do, as the header and the summary report it."""
+
+    steps: int
+    lr: float
+    checkpoint_every: int
+    cpu: str  # the thread choice, as the header prints it
+    max_tokens: int | None = None
+    expected_padding: dict[str, float] | None = None
+    shard_plan: str | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """The numbers of the final summary."""
+
+    data: Data
+    plan: Plan
+    result: Any  # hl.TrainResult
+    eval: dict[str, float]
+    seconds: float
+    out_dir: str
+
 
 # stop reasons after which the same command continues the run, with the exit status the command returns
 STOPPED = {"interrupted": 130, "sigterm": 143}  # 128 + SIGINT, 128 + SIGTERM
