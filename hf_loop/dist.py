@@ -6,6 +6,7 @@ This is the only module that reads the launcher's environment (``RANK``, ``WORLD
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -99,8 +100,18 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group if one exists (safe to call twice, or when none was created)."""
+    """Destroy the process group if one exists (safe to call twice, or when none was created).
+
+    On gloo the ranks first meet at a barrier that gives up after 10 s. gloo's worker threads outlive the group
+    and free each finished collective's tensors just after it completes; a rank that raced from its last
+    collective to interpreter exit could have that happen during Python's shutdown, which aborts the process
+    ("terminate called without an active exception"). After the barrier every earlier collective is long done;
+    a rank that died or is stuck elsewhere delays the others by the timeout at most, never hangs them.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            with contextlib.suppress(RuntimeError):
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
         dist.destroy_process_group()
 
 
