@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -102,16 +103,16 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
 def shutdown_distributed() -> None:
     """Destroy the process group if one exists (safe to call twice, or when none was created).
 
-    On gloo the ranks first meet at a barrier that gives up after 10 s. gloo's worker threads outlive the group
-    and free each finished collective's tensors just after it completes; a rank that raced from its last
-    collective to interpreter exit could have that happen during Python's shutdown, which aborts the process
-    ("terminate called without an active exception"). After the barrier every earlier collective is long done;
-    a rank that died or is stuck elsewhere delays the others by the timeout at most, never hangs them.
+    On gloo, when no exception is on its way out, the ranks first meet at a barrier. gloo's worker threads
+    outlive the group and free each finished collective's tensors just after it completes; a rank that raced
+    from its last collective to interpreter exit could have that happen during Python's shutdown, which aborts
+    the process ("terminate called without an active exception"). After the barrier every earlier collective is
+    long done. A rank leaving with an exception skips it, so it never waits for peers that may be stuck.
     """
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "gloo":
-            with contextlib.suppress(RuntimeError):
-                dist.monitored_barrier(timeout=timedelta(seconds=10))
+        if dist.get_backend() == "gloo" and sys.exc_info()[0] is None:
+            with contextlib.suppress(RuntimeError):  # a peer that left with an error closed the connection
+                dist.barrier()
         dist.destroy_process_group()
 
 
