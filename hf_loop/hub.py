@@ -58,7 +58,8 @@ def load(
 
     Raises:
         DataError: offline and not cached, unknown split or config, missing path or Hub id, a repository that
-            only has a loading script, or ``trust_remote_code`` in ``load_kwargs``.
+            only has a loading script, a folder without data files, data that cannot be read (an empty file),
+            a split that selects no rows or is not split syntax, or ``trust_remote_code`` in ``load_kwargs``.
 
     Example:
         >>> train = load("stanfordnlp/imdb", split="train")                    # doctest: +SKIP
@@ -274,8 +275,33 @@ def _translate(
         return DataError(
             f"{asked}: no dataset at {path!r} - no local folder and no Hub dataset of that name."
         )
+    if type(error).__name__ == "EmptyDatasetError":
+        return DataError(
+            f"{asked}: the folder {path!r} holds no data files (looked for .parquet, .csv, .json/.jsonl, .txt, "
+            ".arrow, and a README.md `configs:` block). Fix: put the data files there, or point at the folder or "
+            "file that has them."
+        )
+    if type(error).__name__ == "DatasetGenerationError":
+        cause = error.__cause__ or error.__context__
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else text
+        empty = "BatchSize must be greater than 0" in why or "empty" in why.lower()
+        hint = " (an empty file?)" if empty else ""
+        return DataError(
+            f"{asked}: datasets could not read the data{hint}: {why.splitlines()[0] if why else why}. Fix: check "
+            "that every data file has rows and the same columns, or pass only the good ones with data_files=..."
+        )
     if not isinstance(error, ValueError):
         return None
+    if "corresponds to no data" in text:
+        return DataError(
+            f"{asked}: split {split!r} selects no rows (the data is empty, or the slice is past its end). Fix: "
+            "check the data has rows, or use a slice within them, e.g. 'train[:80%]'."
+        )
+    if "Unrecognized instruction format" in text:
+        return DataError(
+            f"{asked}: split {split!r} is not datasets' split syntax. Fix: a split name such as 'train', or a "
+            "slice such as 'train[:100]', 'train[10%:50%]' or 'train[:80%]+validation'."
+        )
     if "Unknown split" in text or "Bad split" in text:
         splits = _splits(path, name, revision, data_files, load_kwargs) or _listed(text)
         fix = f" Fix: split={splits[0]!r}." if splits else ""

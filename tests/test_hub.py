@@ -140,3 +140,28 @@ def test_builder_without_files_and_empty_glob(tmp_path):
     odd.write_text("x")
     with pytest.raises(hl.DataError, match=r"unknown extension '.weird'"):
         hl.load(odd)
+
+
+def test_data_that_cannot_be_read_is_a_data_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(
+        hl.DataError, match=r"the folder '.*nothing' holds no data files.*Fix: put the data files"
+    ):
+        hl.load(str(tmp_path / "nothing"))
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    with pytest.raises(hl.DataError, match=r"could not read the data \(an empty file\?\): ArrowInvalid"):
+        hl.load(str(empty), split="train")
+    header = tmp_path / "header.csv"
+    header.write_text("text,label\n")
+    with pytest.raises(hl.DataError, match=r"split 'train' selects no rows.*Fix: check the data has rows"):
+        hl.load(str(header), split="train")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\na,1\nb,0\n")
+    with pytest.raises(
+        hl.DataError, match=r"split 'train\[:abc\]' is not datasets' split syntax.*'train\[:100\]'"
+    ):
+        hl.load(str(rows), split="train[:abc]")
