@@ -46,6 +46,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_world_size: int | None = None  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE); None: unknown
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -67,7 +68,7 @@ class DistEnv:
 def init_distributed(backend: str | None = None, timeout: float | timedelta | None = None) -> DistEnv:
     """Join the process group that ``torchrun`` describes, or return a single-process environment.
 
-    Reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (set by ``torchrun``; ``MASTER_ADDR``/``MASTER_PORT`` are
+    Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by ``torchrun``; ``MASTER_ADDR``/``MASTER_PORT`` are
     read by torch itself). Without them, or with ``WORLD_SIZE=1``, no process group is created.
 
     Args:
@@ -97,7 +98,9 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
         if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                   local_world_size=int(local) if local.isdigit() else None)  # fmt: skip
 
 
 def shutdown_distributed() -> None:

@@ -137,11 +137,11 @@ def idle_cpus(cpus: Collection[int], seconds: float = SAMPLE_SECONDS) -> float |
     return min(float(len(cpus)), share_idle * len(cpus) + own)
 
 
-def _local_ranks(env: DistEnv | None, environ: Mapping[str, str]) -> int:
+def _local_ranks(env: DistEnv | None) -> int:
     if env is None or env.world_size == 1:
         return 1
     # torchrun's processes on this machine; without it, every rank is assumed to be local (the safe side)
-    return max(1, int(environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+    return max(1, env.local_world_size or env.world_size)
 
 
 def choose(
@@ -159,8 +159,8 @@ def choose(
         num_workers: DataLoader worker processes of this rank (each gets a core of its own).
         requested: an explicit count (``--threads``); wins over everything else.
         sample_seconds: length of the idle-CPU sample; 0 skips it (the choice then ignores other processes).
-        environ: the environment to read ``OMP_NUM_THREADS`` and ``LOCAL_WORLD_SIZE`` from; default
-            ``os.environ``.
+        environ: the environment to read ``OMP_NUM_THREADS`` from (OpenMP's own setting); default
+            ``os.environ``. The ranks on this machine come from ``env.local_world_size``.
 
     Example:
         >>> choose(environ={"OMP_NUM_THREADS": "3"}).threads
@@ -179,7 +179,7 @@ def choose(
     if omp.isdigit() and int(omp) >= 1:
         return ThreadChoice(int(omp), "OMP_NUM_THREADS")
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores, ranks = physical_cores(cpus), _local_ranks(env, environ)
+    cores, ranks = physical_cores(cpus), _local_ranks(env)
     threads = max(1, cores // ranks - num_workers)
     idle = idle_cpus(cpus, sample_seconds) if sample_seconds > 0 else None
     if idle is not None:

@@ -14,7 +14,7 @@ import hf_loop as hl
 from hf_loop import threads
 
 CPUS = os.sched_getaffinity(0)
-QUIET = {}  # an environment without OMP_NUM_THREADS or LOCAL_WORLD_SIZE
+QUIET = {}  # an environment without OMP_NUM_THREADS
 
 
 def test_an_explicit_request_wins_and_is_checked():
@@ -43,7 +43,8 @@ def test_cores_are_shared_among_local_ranks_and_workers():
     alone = threads.choose(sample_seconds=0, environ=QUIET)
     assert alone == threads.ThreadChoice(cores, "cores", cores=cores) and alone.idle is None
     env = hl.DistEnv(rank=1, world_size=8)
-    ranks = threads.choose(env, sample_seconds=0, environ={"LOCAL_WORLD_SIZE": "2"})  # 2 nodes x 2 ranks
+    local = hl.DistEnv(rank=1, world_size=8, local_world_size=2)  # 4 nodes x 2 ranks
+    ranks = threads.choose(local, sample_seconds=0, environ=QUIET)
     assert (ranks.threads, ranks.ranks) == (max(1, cores // 2), 2)
     assert threads.choose(env, sample_seconds=0, environ=QUIET).ranks == 8  # unknown: all ranks are local
     assert threads.choose(num_workers=1, sample_seconds=0, environ=QUIET).threads == max(1, cores - 1)
