@@ -210,7 +210,7 @@ def input_stall(steps: int) -> str:
 
 
 def main() -> None:
-    parser = arguments(__doc__, repeat=3, steps=40)
+    parser = arguments(__doc__, repeat=3, steps=200)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadier on shared CPUs)"
     )

@@ -184,6 +184,9 @@ def call_loss_fn(
     return result, None
 
 
+_NOTHING = contextlib.nullcontext()  # reusable
+
+
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """The global gradient norm (clipping to ``max_norm`` when given); over shards for a sharded model."""
     if max_norm is not None:
@@ -232,6 +235,7 @@ class TrainStep:
         self.precision = (
             "fp32" if self.sharded and param_dtype(unwrap(model)) is not None else config.precision
         )
+        self.autocast = autocast(env.device, self.precision)  # reusable: entered once per micro-batch
         self.num_items = inputs.takes_num_items and loss_fn is None
         # The per-step non-finite check (one host sync per step) only when asked for; fp16's scaler has its own.
         self.check = config.max_bad_steps is not None and scaler is None
@@ -270,11 +274,10 @@ class TrainStep:
             last = i == len(micro) - 1
             if self.sharded and len(micro) > 1:
                 gradient_sync(unwrap(self.model), last)
-            with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
+            with self.model.no_sync() if self.ddp and not last else _NOTHING:
                 loss, count = self.forward(batch, total)
-                if (
-                    count is not None
-                ):  # a loss sum: divided by the global count after backward, once it is known
+                # A loss sum (loss_fn's count) is divided by the global count after backward, once it is known.
+                if count is not None:
                     scaled, entry = loss, (loss, 1, count)
                     reported.append(count.to(device))
                 elif self.num_items:  # the model already divided its sum by `total`
@@ -294,7 +297,7 @@ class TrainStep:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's loss (a 0-d tensor) and, when ``loss_fn`` returns ``(sum, count)``, its count."""
         check_labels(batch)
-        with autocast(self.env.device, self.precision):
+        with self.autocast:
             kwargs = self.inputs.select(batch, training=True)
             if self.num_items:
                 kwargs["num_items_in_batch"] = total
