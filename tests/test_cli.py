@@ -219,7 +219,7 @@ def test_label_mistakes_after_loading(tmp_path, capsys):
     err = user_error(capsys, "finetune", "--dataset", str(floats), "--label-column", "score")
     assert "--label-column score: no such column; columns: ['text', 'label']" in err
     err = user_error(capsys, "finetune", "--dataset", str(floats), "--split", "train[:abc]")
-    assert "--split train[:abc]: Unrecognized instruction format" in err
+    assert "--split train[:abc]: not datasets' split syntax. Fix: e.g. --split 'train[:2000]'" in err
     small = write_table(tmp_path / "small.parquet", text=texts(3), label=[0, 1, 0])
     err = user_error(capsys, "finetune", "--dataset", str(small), "--val-fraction", "0.9")
     assert "--val-fraction 0.9 of 3 rows leaves no training rows" in err

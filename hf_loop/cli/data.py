@@ -206,10 +206,13 @@ def _load(args: Namespace) -> tuple[Any, str]:
         return hl.load(args.dataset, args.config, streaming=args.streaming), args.dataset
     try:  # "train[:2000]": that slice only
         loaded = hl.load(args.dataset, args.config, split=args.split, streaming=args.streaming)
-    except hl.DataError:
-        raise
-    except ValueError as error:  # datasets' split grammar: "Unrecognized instruction format: ..."
-        raise hl.DataError(f"--split {args.split}: {error}. Fix: e.g. --split 'train[:2000]'") from None
+    except hl.DataError as error:
+        if "split syntax" not in str(error):
+            raise
+        raise hl.DataError(
+            f"--split {args.split}: not datasets' split syntax. Fix: e.g. --split 'train[:2000]', "
+            "--split 'train[10%:50%]' or --split 'train+validation'"
+        ) from None
     return loaded, f"{args.dataset} [{args.split}]"
 
 
