@@ -17,6 +17,8 @@ from typing import NamedTuple
 import pytest
 from _local_hub import build
 
+from hf_loop.state import RandomState
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 COMMANDS = ("finetune", "inspect")
 FLAG = re.compile(r"--[a-z][a-z0-9-]*")
@@ -65,6 +67,8 @@ def test_every_python_block_runs_in_order(tmp_path, monkeypatch):
     python = [b for b in blocks(README.read_text()) if b.language == "python"]
     assert len(python) >= 10, f"found only {len(python)} python blocks in README.md"
     namespace: dict = {"__name__": "__readme__"}
+    rng = RandomState()
+    saved = rng.state_dict()
     try:
         for block in python:
             failure = run_block(block, namespace)
@@ -72,6 +76,7 @@ def test_every_python_block_runs_in_order(tmp_path, monkeypatch):
                 pytest.fail(f"README.md section {block.section!r}, block at line {block.line}:\n{failure}")
     finally:
         _reset_accelerate()
+        rng.load_state_dict(saved)  # the Trainer seeds the global RNGs; the suite's stay as they were
     # what the blocks promise, checked where they leave it
     assert namespace["result"].stop_reason == "completed" and namespace["result"].steps > 0
     assert (workspace / "runs" / "imdb" / "checkpoints").is_dir()
