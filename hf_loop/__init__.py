@@ -1,11 +1,12 @@
 """hf_loop: Hugging Face datasets to PyTorch training, fast and exact.
 
-Everything public is importable from the top level::
+Everything public is importable from the top level:
 
-    import hf_loop as hl
-
-    ds = hl.load("org/name", split="train")
-    loader = hl.make_loader(hl.MapDataset(ds, transform=tokenize), batch_size=32, sampler="length")
+    >>> import hf_loop as hl
+    >>> ds = hl.load("org/name", split="train")
+    >>> loader = hl.make_loader(hl.MapDataset(ds, transform=tokenize), batch_size=32, sampler="length")
+    >>> next(iter(loader))["input_ids"].shape[0]
+    32
 
 Names are resolved on first use (PEP 562): ``import hf_loop`` itself imports neither torch nor datasets, so
 ``hf-loop --help`` and the command line's argument checks answer in a fraction of a second.

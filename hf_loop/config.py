@@ -163,9 +163,11 @@ class TrainResult:
     was written: rerun the same command to continue).
 
     Example:
-        >>> result = hl.train(model, loader, optimizer, TrainConfig(epochs=1))     # doctest: +SKIP
-        >>> result.steps, result.stop_reason, round(result.samples_per_s)
-        (125, 'completed', 812)
+        >>> len(loader)                     # batches per epoch
+        4
+        >>> result = hl.train(model, loader, optimizer, TrainConfig(epochs=2))
+        >>> result.steps, result.epochs, result.stop_reason, result.checkpoint    # no out_dir: no checkpoint
+        (8, 2, 'completed', None)
     """
 
     steps: int

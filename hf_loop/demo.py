@@ -55,8 +55,10 @@ def make_dataset(num_rows: int = 4000, *, seed: int = 0, median_words: int = 24)
         >>> ds = make_dataset(100)
         >>> ds.features["label"].names
         ['other', 'sports', 'finance']
-        >>> ds[0]["text"].split()[:3]  # doctest: +SKIP
-        ['mopu', 'rase', 'goal']
+        >>> make_dataset(100)[:5] == ds[:5]        # the same arguments give the same rows
+        True
+        >>> ds[0]["text"].split()[:3], ds[0]["label"]
+        (['supu', 'stadium', 'kuro'], 1)
     """
     import datasets
 

@@ -20,4 +20,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or resumed: another run's, damaged, or the disk is full.
 
     The message names the checkpoint (or ``out_dir``), what differs or failed, and the fix.
+
+    Example:
+        >>> _ = hl.train(model, loader, optimizer, hl.TrainConfig(out_dir="runs/a"))
+        >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> try:                                    # the same out_dir: it would resume AdamW's state into SGD
+        ...     hl.train(model, loader, sgd, hl.TrainConfig(out_dir="runs/a"))
+        ... except CheckpointError as e:            # also a ValueError
+        ...     print(str(e)[:68])
+        checkpoint runs/a/checkpoints/step-00000004 belongs to another run:
     """

@@ -100,9 +100,12 @@ def shard(
         blocks: the block classes (or class names) to shard one by one.
 
     Example:
-        >>> env = hl.init_distributed()                                   # doctest: +SKIP
-        >>> model = hl.shard(AutoModelForCausalLM.from_pretrained(name), env)    # doctest: +SKIP
+        >>> from transformers import AutoModelForCausalLM
+        >>> env = hl.init_distributed()                 # under torchrun: this rank of the job
+        >>> model = hl.shard(AutoModelForCausalLM.from_pretrained("org/model"), env, precision="bf16")
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)    # after shard, never before
+        >>> env.world_size, type(model).__name__      # one process: the model as it was
+        (1, 'LlamaForCausalLM')
     """
     if precision not in DTYPES:
         raise ValueError(f"hl.shard precision must be one of {sorted(DTYPES)}, got {precision!r}")

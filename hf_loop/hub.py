@@ -62,9 +62,11 @@ def load(
             a split that selects no rows or is not split syntax, or ``trust_remote_code`` in ``load_kwargs``.
 
     Example:
-        >>> train = load("stanfordnlp/imdb", split="train")                    # doctest: +SKIP
-        >>> stream = load("./my_data", split="train", streaming=True)          # doctest: +SKIP
-        >>> ds = load("parquet", data_files={"train": "data/*.parquet"})       # doctest: +SKIP
+        >>> train = load("stanfordnlp/imdb", split="train")                # a Hub id (downloaded, or cached)
+        >>> stream = load("./my_data", split="train", streaming=True)      # a local folder in Hub layout
+        >>> ds = load("parquet", data_files={"train": "data/*.parquet"})   # a builder and its data files
+        >>> type(train).__name__, type(stream).__name__, list(ds)
+        ('Dataset', 'IterableDataset', ['train'])
     """
     if "trust_remote_code" in load_kwargs:
         raise DataError(
@@ -190,7 +192,7 @@ def cached_configs(path: str, cache_dir: str | os.PathLike[str] | None = None) -
     """Configurations of Hub dataset ``path`` that the local datasets cache holds (what loads offline).
 
     Example:
-        >>> cached_configs("stanfordnlp/imdb")                  # doctest: +SKIP
+        >>> cached_configs("stanfordnlp/imdb")      # needs the Hub: a dataset downloaded once  # doctest: +SKIP
         ['plain_text']
     """
     root = _cache_root(path, {"cache_dir": cache_dir})
@@ -201,7 +203,7 @@ def cached_datasets(cache_dir: str | os.PathLike[str] | None = None) -> list[str
     """Hub datasets (``org/name``) the local datasets cache holds prepared data for.
 
     Example:
-        >>> cached_datasets()                                   # doctest: +SKIP
+        >>> cached_datasets()                       # needs the Hub: a dataset downloaded once  # doctest: +SKIP
         ['stanfordnlp/imdb']
     """
     root = Path(os.path.expanduser(str(cache_dir or datasets.config.HF_DATASETS_CACHE)))

@@ -126,7 +126,11 @@ class Loader(DataLoader):
             TypeError: a stream (its rows have no global index).
 
         Example:
-            >>> for rows, batch in loader.indexed(): ...     # doctest: +SKIP
+            >>> rows, batch = next(loader.indexed())
+            >>> rows                                    # the random sampler's first 8 rows (seed 0)
+            [2, 11, 25, 21, 10, 4, 29, 16]
+            >>> batch["input_ids"].shape[0]
+            8
         """
         if not self.position.has_indices:
             raise TypeError("a streamed dataset has no row indices; iterate the loader itself")
@@ -213,7 +217,12 @@ class Loader(DataLoader):
         what evaluation needs. The twin starts at the current epoch's beginning; this loader is not changed.
 
         Example:
-            >>> for rows, batch in eval_loader.unpadded().indexed(): ...     # doctest: +SKIP
+            >>> from hf_loop.dist import DistEnv
+            >>> rank2 = make_loader(data, batch_size=8, sampler="sequential", env=DistEnv(rank=2, world_size=3))
+            >>> [rows for rows, _ in rank2.indexed()]             # 32 rows padded to 3 x 11: row 0 again
+            [[2, 5, 8, 11, 14, 17, 20, 23], [26, 29, 0]]
+            >>> [rows for rows, _ in rank2.unpadded().indexed()]  # every row on exactly one rank
+            [[2, 5, 8, 11, 14, 17, 20, 23], [26, 29]]
         """
         if self._twin is None:
             position = self.position.unpadded()
@@ -281,8 +290,10 @@ def make_loader(
             worker_init_fn, multiprocessing_context). ``in_order=False`` is refused.
 
     Example:
-        >>> ds = hl.MapDataset(hf_dataset, transform=tokenize)                         # doctest: +SKIP
-        >>> loader = hl.make_loader(ds, batch_size=32, sampler="length", num_workers=2)   # doctest: +SKIP
+        >>> data = hl.MapDataset(hf_dataset, transform=tokenize)      # text -> input_ids, once per batch
+        >>> loader = hl.make_loader(data, batch_size=16, sampler="length", num_workers=2)
+        >>> [batch["input_ids"].shape for batch in loader]          # 32 rows; similar lengths share a batch
+        [torch.Size([16, 29]), torch.Size([16, 10])]
     """
     env = env or DistEnv(device=default_device())  # one process; pin_memory='auto' still sees a GPU
     options = {k: kwargs.pop(k) for k in STRATEGY_OPTIONS if k in kwargs}

@@ -222,9 +222,14 @@ def train(
         on_log: called on rank 0 with each log record (the same dicts as ``out_dir/metrics.jsonl``).
 
     Example:
-        >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=32)                  # doctest: +SKIP
-        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)                # doctest: +SKIP
-        >>> result = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=2, out_dir="runs/a"))  # doctest: +SKIP
+        >>> loader = hl.make_loader(hl.MapDataset(ds), batch_size=8)     # ds: 32 rows with input_ids and label
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        >>> result = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=2, out_dir="runs/a"))
+        >>> result.steps, result.checkpoint
+        (8, PosixPath('runs/a/checkpoints/step-00000008'))
+        >>> longer = hl.train(model, loader, optimizer, hl.TrainConfig(epochs=3, out_dir="runs/a"))
+        >>> longer.steps, longer.resumed_from             # continued from step 8, one more epoch
+        (12, PosixPath('runs/a/checkpoints/step-00000008'))
     """
     # -- setup: the data feed, the run's state, and every object a checkpoint holds
     env = env or DistEnv(device=default_device())

@@ -69,8 +69,11 @@ class ModelInputs:
             for a fully open ``forward(*args, **kwargs)``, every tensor.
 
     Example:
-        >>> inputs = ModelInputs(model)                       # doctest: +SKIP
-        >>> model(**inputs.select(batch, training=True))      # "id" and other strings stay outside
+        >>> inputs = ModelInputs(model)
+        >>> with_ids = {**batch, "id": [f"row{i}" for i in range(8)]}
+        >>> sorted(inputs.select(with_ids, training=True))   # "id" and other strings stay outside
+        ['attention_mask', 'input_ids', 'labels']
+        >>> loss = model(**inputs.select(with_ids, training=True)).loss
     """
 
     def __init__(self, model: torch.nn.Module, names: Iterable[str] | None = None) -> None:
@@ -218,9 +221,16 @@ class TrainStep:
         want_norm: per call, whether to compute the gradient norm (log steps); clipping computes it anyway.
 
     Example:
+        >>> from hf_loop.logs import Window
+        >>> config, window = hl.TrainConfig(max_grad_norm=1.0), Window(env.device)
         >>> step = TrainStep(model, optimizer, scheduler=None, scaler=None, inputs=ModelInputs(model),
-        ...                  loss_fn=None, config=config, env=env, window=window)   # doctest: +SKIP
-        >>> taken, norm = step([batch], want_norm=True)                                # doctest: +SKIP
+        ...                  loss_fn=None, config=config, env=env, window=window)
+        >>> taken, norm = step([batch, batch], want_norm=True)   # two micro-batches, one optimizer step
+        >>> taken, norm.shape
+        (True, torch.Size([]))
+        >>> stats = window.flush(env)
+        >>> stats["samples"], stats["targets"]                # 2 x 8 examples, one loss target each
+        (16.0, 16.0)
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, scheduler: Any,

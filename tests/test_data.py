@@ -285,28 +285,3 @@ def test_make_loader_pads_map_batches_end_to_end(text_dataset):
         len(text_dataset[i]["text"].split()) for i in rows
     )
     assert first["labels"].tolist() == [text_dataset[i]["label"] for i in rows]
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "hf_loop.checks",
-        "hf_loop.data.columns",
-        "hf_loop.data.transform",
-        "hf_loop.data.arrow",
-        "hf_loop.data.dataset",
-        "hf_loop.adapters",
-        "hf_loop.batches",
-        "hf_loop.loader",
-        "hf_loop.stream.files",
-        "hf_loop.stream.plan",
-        "hf_loop.stream.protocol",
-        "hf_loop.dist",
-    ],
-)
-def test_docstring_examples_run(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0

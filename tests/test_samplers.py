@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import pickle
 
 import numpy as np
@@ -124,14 +123,6 @@ def test_samplers_never_touch_the_global_rng():
     for kind in KINDS:
         list(make(kind, 40))
     assert (torch.rand(1), np.random.rand()) == expected
-
-
-@pytest.mark.parametrize("module", ["_base", "basic", "distributed", "length", "strategy"])
-def test_module_examples_run(module):
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"hf_loop.samplers.{module}"))
-    assert result.failed == 0 and result.attempted > 0  # a module without examples would pass unseen
 
 
 # --- length grouping and token budgets ---------------------------------------------------------------------

@@ -63,9 +63,20 @@ class Checkpointer:
         finite: called (on every rank) before each save; False refuses to persist a diverged model.
 
     Example:
-        >>> checkpoints = Checkpointer(config, env, states, identity=identity, finite=lambda: True)  # doctest: +SKIP
-        >>> loaded = checkpoints.restore()           # the newest checkpoint that verifies, or None
-        >>> checkpoints.save(step=100, force=True)   # a step folder under out_dir/checkpoints
+        >>> from hf_loop.checkpoint import run_identity
+        >>> from hf_loop.feed import Feed
+        >>> from hf_loop.state import RandomState, TrainState
+        >>> config = hl.TrainConfig(out_dir="runs/a", checkpoint_every=100)
+        >>> states = {"model": model, "optimizer": optimizer, "loader": Feed(loader, env, grad_accum=1),
+        ...           "train_state": TrainState(), "rng": RandomState()}
+        >>> checkpoints = Checkpointer(config, env, states, identity=run_identity(model, loader, optimizer),
+        ...                            finite=lambda: True)
+        >>> checkpoints.restore() is None           # the newest checkpoint that verifies: none yet
+        True
+        >>> checkpoints.save(step=100)              # due: a step folder under out_dir/checkpoints
+        PosixPath('runs/a/checkpoints/step-00000100')
+        >>> sorted(checkpoints.restore())           # the saved states, applied with checkpoints.apply(...)
+        ['config', 'loader', 'model', 'optimizer', 'rng', 'scaler', 'scheduler', 'train_state']
     """
 
     def __init__(self, config: Any, env: DistEnv, states: dict[str, Any], *, identity: Mapping[str, Any],

@@ -96,13 +96,19 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hf-loop`` console script. Returns the exit status: 0, 2 for a mistake on the
-    command line or in the data (one line on stderr), 130 after Ctrl-C, 143 after SIGTERM.
+    """Entry point of the ``hf-loop`` console script. Returns the exit status: 0, 2 for a mistake in a path or
+    in the data (one line on stderr), 130 after Ctrl-C, 143 after SIGTERM. A malformed flag value exits from
+    argparse with ``SystemExit(2)``, after the same kind of line.
 
     Example:
-        >>> main(["finetune", "--lr", "-1"])        # doctest: +SKIP
-        hf-loop finetune: error: argument --lr: expected a learning rate > 0, such as 5e-5, got '-1'
+        >>> main(["finetune", "--dataset", "./no_such_folder"])   # checked before any data or model loads
         2
+        >>> main(["finetune", "--lr", "-1"])
+        Traceback (most recent call last):
+        SystemExit: 2
+
+    Both print one line on stderr, e.g. ``hf-loop finetune: error: argument --lr: expected a learning rate > 0,
+    such as 5e-5, got '-1'``.
     """
     args = build_parser().parse_args(argv)  # a bad value exits here with status 2
     try:

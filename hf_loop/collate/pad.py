@@ -76,7 +76,10 @@ class PadCollator:
         ``truncation_side`` from the tokenizer. Keywords override.
 
         Example:
-            >>> collate = PadCollator.for_tokenizer(tokenizer, pad_to_multiple_of=8)  # doctest: +SKIP
+            >>> collate = PadCollator.for_tokenizer(tokenizer, pad_to_multiple_of=8)
+            >>> out = collate([tokenizer("w1 w2 w3"), tokenizer("w4")])     # rows as the tokenizer returns them
+            >>> out["input_ids"].shape, out["attention_mask"][1].tolist()
+            (torch.Size([2, 8]), [1, 0, 0, 0, 0, 0, 0, 0])
         """
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError(

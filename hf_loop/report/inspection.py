@@ -125,7 +125,18 @@ def inspect(
         seed: the samplers' seed.
 
     Example:
-        >>> print(inspect("org/name", tokenizer="bert-base-uncased", out=None))   # doctest: +SKIP
+        >>> print(inspect("org/name", tokenizer="bert-base-uncased", out=None, streaming=True, world_size=2,
+        ...               num_workers=2))
+        dataset: org/name [train]
+        lengths of 'text' (tokens), 60 examples, 872 in all:
+        ...
+        shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 2 shards, split by rows
+          rank 0 worker 0: 1 shard(s) [0[0:15]], 15 examples
+          rank 0 worker 1: 1 shard(s) [0[15:30]], 15 examples
+          rank 1 worker 0: 1 shard(s) [1[0:15]], 15 examples
+          rank 1 worker 1: 1 shard(s) [1[15:30]], 15 examples
+        note: split 'train' of ['train', 'test'] (choose with --split)
+        note: streamed: lengths and labels from the first 60 examples
     """
     from hf_loop.hub import load
 

@@ -32,7 +32,7 @@ def plot_lengths(lengths: np.ndarray, path: str | Path, *, title: str = "", unit
         ImportError: matplotlib is not installed (the message gives the pip command).
 
     Example:
-        >>> plot_lengths(np.array([3, 5, 8]), "lengths.png")    # doctest: +SKIP
+        >>> plot_lengths(np.array([3, 5, 8]), "lengths.png")
         PosixPath('lengths.png')
     """
     plt = _pyplot()
@@ -77,7 +77,9 @@ def plot_run(out_dir: str | Path, path: str | Path | None = None) -> Path:
         DataError: ``out_dir`` has no metrics log, or the log has no loss records.
 
     Example:
-        >>> hl.plot_run("runs/demo")                  # doctest: +SKIP
+        >>> config = hl.TrainConfig(epochs=2, out_dir="runs/demo", log_every=2)
+        >>> _ = hl.train(model, loader, optimizer, config)      # writes runs/demo/metrics.jsonl
+        >>> hl.plot_run("runs/demo")
         PosixPath('runs/demo/run.png')
     """
     records = read_metrics(out_dir)

@@ -78,13 +78,27 @@ class StreamDataset(IterableDataset):
 
     Example:
         >>> from datasets import load_dataset
-        >>> hf = load_dataset("parquet", data_files="data/*.parquet", split="train",
-        ...                   streaming=True)                                               # doctest: +SKIP
-        >>> stream = StreamDataset(hf, shuffle_buffer=10_000, bucket="input_ids", seed=0)   # doctest: +SKIP
-        >>> print(stream.plan(num_workers=2, world_size=2))                                 # doctest: +SKIP
-        >>> loader = hl.make_loader(stream, batch_size=32, num_workers=2)                   # doctest: +SKIP
-        >>> state = loader.state_dict()     # per-reader positions: plain ints              # doctest: +SKIP
-        >>> mixed = StreamDataset([hf_a, hf_b], weights=[0.3, 0.7], shuffle_buffer=4096)    # doctest: +SKIP
+        >>> hf = load_dataset("parquet", data_files="data/*.parquet", split="train", streaming=True)  # 2 x 32 rows
+        >>> stream = StreamDataset(hf, shuffle_buffer=10_000, bucket="input_ids", seed=0,
+        ...                        columns=["input_ids", "label"])
+        >>> print(stream.plan(num_workers=2, world_size=2))
+        shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 2 shards, split by rows
+          rank 0 worker 0: 1 shard(s) [0[0:16]], 16 examples
+          rank 0 worker 1: 1 shard(s) [0[16:32]], 16 examples
+          rank 1 worker 0: 1 shard(s) [1[0:16]], 16 examples
+          rank 1 worker 1: 1 shard(s) [1[16:32]], 16 examples
+        >>> loader = hl.make_loader(stream, batch_size=8, num_workers=2)
+        >>> first = [batch for _, batch in zip(range(3), loader)]
+        >>> state = loader.state_dict(consumed=3)      # per-reader positions: plain ints
+        >>> resumed = hl.make_loader(stream, batch_size=8, num_workers=2)
+        >>> resumed.load_state_dict(state)
+        >>> sum(len(batch["labels"]) for batch in resumed)   # exactly the 64 - 3 x 8 rows not yet taken
+        40
+        >>> hf_a = load_dataset("parquet", data_files="data/train-00000.parquet", split="train", streaming=True)
+        >>> hf_b = load_dataset("parquet", data_files="data/train-00001.parquet", split="train", streaming=True)
+        >>> mixed = StreamDataset([hf_a, hf_b], weights=[0.3, 0.7], shuffle_buffer=4096)
+        >>> sum(len(batch["labels"]) for batch in hl.make_loader(mixed, batch_size=8))   # each row once
+        64
     """
 
     def __init__(
@@ -181,10 +195,12 @@ class StreamDataset(IterableDataset):
         many examples ``even_steps`` (and ``hl.train``) will leave unread per epoch when the ranks stop together.
 
         Example:
-            >>> print(stream.plan(num_workers=2, world_size=2, batch_size=8))   # doctest: +SKIP
-            shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 8 shards, split by rows
-              rank 0 worker 0: 3 piece(s) [5, 2, 7[0:120]], 2000 examples
-              ...
+            >>> print(stream.plan(num_workers=2, world_size=2, batch_size=8))   # 2 parquet files of 32 rows
+            shard plan, epoch 0: 2 rank(s) x 2 reader(s) over 2 shards, split by rows
+              rank 0 worker 0: 1 shard(s) [0[0:16]], 16 examples
+              rank 0 worker 1: 1 shard(s) [0[16:32]], 16 examples
+              rank 1 worker 0: 1 shard(s) [1[0:16]], 16 examples
+              rank 1 worker 1: 1 shard(s) [1[16:32]], 16 examples
               under even_steps (batch 8): 0 example(s) left unread per epoch
         """
         plans = [plan for _, plan in self._plans(world_size, num_workers, epoch, batch_size, drop_last)]
@@ -240,7 +256,9 @@ class StreamDataset(IterableDataset):
         first); token budgets (``max_tokens``) have no short batches to drop.
 
         Example:
-            >>> bound = stream.bind(rank=0, world_size=2, num_workers=2, batch_size=32)   # doctest: +SKIP
+            >>> bound = stream.bind(rank=0, world_size=2, num_workers=2, batch_size=32)
+            >>> bound.rank, bound.world_size, bound.local_readers
+            (0, 2, 2)
 
         Raises:
             ValueError: neither or both of batch_size / max_tokens, or a rank outside the world.

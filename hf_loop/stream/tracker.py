@@ -94,11 +94,15 @@ class StreamTracker:
     """Records what each reader has delivered, so ``state_dict(consumed)`` is exact; see docs/internals.md.
 
     Example:
-        >>> bound = stream.bind(batch_size=32, num_workers=2)                     # doctest: +SKIP
+        >>> from torch.utils.data import DataLoader
+        >>> bound = stream.bind(batch_size=8, num_workers=2)
         >>> loader = DataLoader(bound, batch_size=None, num_workers=2,
-        ...                     collate_fn=bound.wrap_collate(hl.PadCollator()))  # doctest: +SKIP
-        >>> tracker = StreamTracker(bound)                                       # doctest: +SKIP
-        >>> for _, rows, batch in tracker.iterate(iter(loader)): ...             # doctest: +SKIP
+        ...                     collate_fn=bound.wrap_collate(hl.PadCollator()))
+        >>> tracker = StreamTracker(bound)
+        >>> sum(rows for _, rows, batch in tracker.iterate(iter(loader)))   # 2 parquet files of 32 rows
+        64
+        >>> tracker.state_dict(consumed=8)["epoch"]     # after the pass's last batch: the next epoch's start
+        1
     """
 
     kind = "stream"
