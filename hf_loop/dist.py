@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,6 +20,10 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("hf_loop")
+
+# How long shutdown_distributed lets gloo's worker threads take the GIL to free their last collectives:
+# ten GIL switch intervals (5 ms each).
+_GLOO_DRAIN_S = 0.05
 
 
 def default_device(local_rank: int = 0) -> torch.device:
@@ -106,11 +111,13 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
 def shutdown_distributed() -> None:
     """Destroy the process group if one exists (safe to call twice, or when none was created).
 
-    On gloo, when no exception is on its way out, the ranks first meet at a barrier. gloo's worker threads
-    outlive the group and free each finished collective's tensors just after it completes; a rank that raced
-    from its last collective to interpreter exit could have that happen during Python's shutdown, which aborts
-    the process ("terminate called without an active exception"). After the barrier every earlier collective is
-    long done. A rank leaving with an exception skips it, so it never waits for peers that may be stuck.
+    On gloo, when no exception is on its way out, the ranks first meet at a barrier, then this thread sleeps
+    for a moment with the GIL released. gloo's worker threads free each finished collective (and the barrier
+    holds the ones still in flight when it began) just *after* waking the caller, and freeing a tensor that
+    Python once saw needs the GIL; a rank that ran from its last collective to interpreter exit within one
+    GIL switch interval left that worker waiting for the GIL during Python's shutdown, which aborts the
+    process ("terminate called without an active exception"). The pause hands the worker the GIL while Python
+    is still whole. A rank leaving with an exception skips both, so it never waits for peers that may be stuck.
 
     Example:
         >>> env = init_distributed()            # under torchrun: joins the job's process group
@@ -123,6 +130,7 @@ def shutdown_distributed() -> None:
         if dist.get_backend() == "gloo" and sys.exc_info()[0] is None:
             with contextlib.suppress(RuntimeError):  # a peer that left with an error closed the connection
                 dist.barrier()
+            time.sleep(_GLOO_DRAIN_S)
         dist.destroy_process_group()
 
 
