@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def python(code: str, *args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_a_checkpoint_is_a_folder_of_files_and_a_manifest_hashed_while_written(tmp_path):
-    state = {"w": torch.randn(300, 100), "step": 7, "names": ["a", "b"]}
+    state = {"w": torch.randn(300, 100), "big": torch.randn(3, 512, 1024), "step": 7, "names": ["a", "b"]}
 
     def fill(p):
         p.save("model.pt", state)
@@ -90,6 +91,13 @@ def test_a_checkpoint_is_a_folder_of_files_and_a_manifest_hashed_while_written(t
         assert (record.size, record.sha256, record.rank) == (len(data), hashlib.sha256(data).hexdigest(), 0)
     loaded = read(folder, "model.pt")
     assert torch.equal(loaded["w"], state["w"]) and (loaded["step"], loaded["names"]) == (7, ["a", "b"])
+    assert torch.equal(loaded["big"], state["big"])  # 6 MB: hashed on a second thread, synced while it runs
+    # torch.save ran without its per-record CRC32 (the sha256 covers the bytes); torch.load reads the file as
+    # usual, and torch's global setting is back for everyone else.
+    with zipfile.ZipFile(folder / "model.pt") as archive:
+        assert {info.CRC for info in archive.infolist() if info.file_size > 1 << 20} == {0}
+    assert torch.equal(torch.load(folder / "model.pt", weights_only=True, mmap=True)["big"], state["big"])
+    assert torch.serialization.get_crc32_options() is True
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
