@@ -51,7 +51,8 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    local_world_size: int | None = None  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE); None: unknown
+    # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE); None: unknown
+    local_world_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
