@@ -107,7 +107,8 @@ def runs(tmp_path_factory):
     seen_12_first, stopped = elastic_run(dirs["e12"], single, stop=10)
     assert stopped.stop_reason == "sigterm" and stopped.steps == 10
     ranks = run_distributed(_two_ranks, world_size=2, args=(dirs,), timeout=240)
-    seen_21_rest, finished = elastic_run(dirs["e21"], single)
+    with pytest.warns(UserWarning, match=r"resuming with a global batch of 4 examples \(saved with 8\)"):
+        seen_21_rest, finished = elastic_run(dirs["e21"], single)
     return {"ranks": ranks, "dirs": dirs, "seen_12_first": seen_12_first, "seen_21_rest": seen_21_rest,
             "finished_21": finished}  # fmt: skip
 
