@@ -9,6 +9,7 @@ from typing import Any
 
 from hf_loop.checks import boolean, integer, optional_integer
 from hf_loop.steps import PRECISIONS
+from hf_loop.threads import ThreadChoice
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
@@ -33,7 +34,12 @@ class TrainConfig:
     (the batch keys passed to the model; default: what ``forward`` names), ``export`` (``save_pretrained`` of the
     final model into ``out_dir/final`` for transformers models), ``resume_allow`` (identity parts — "model",
     "data", "optimizer" — that may differ from the checkpoint's when resuming on purpose: another copy of the
-    pretrained weights, re-created data, a new optimizer class, which then starts fresh).
+    pretrained weights, re-created data, a new optimizer class, which then starts fresh), ``async_checkpoint``
+    (sharded checkpoints written in the background). ``threads`` sets torch's intra-op threads on CPU: an int,
+    "auto" (chosen from the cores this process may use and those other processes leave idle, then kept fitted
+    to the idle CPUs, checked at most once a second; see ``hf_loop.threads``), a ``ThreadChoice`` from
+    ``hf_loop.threads.apply`` (already applied, e.g. to print it first; kept fitted like "auto"), or None
+    (torch's own count, untouched).
 
     Example:
         >>> config = TrainConfig(epochs=3, grad_accum=4, precision="bf16", max_grad_norm=1.0, out_dir="runs/a")
@@ -66,7 +72,7 @@ class TrainConfig:
     export: bool = True
     resume_allow: Sequence[str] = ()
     async_checkpoint: bool = False
-    threads: int | str | None = None
+    threads: int | str | ThreadChoice | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum", "log_every", "keep_last"):
@@ -101,7 +107,12 @@ class TrainConfig:
                 f"got {type(self.scheduler).__name__}"
             )
         integer("TrainConfig.seed", self.seed, 0)
-        if self.threads != "auto":
+        if isinstance(self.threads, str) and self.threads != "auto":
+            raise ValueError(
+                f"TrainConfig.threads must be an int >= 1, 'auto' (chosen from the idle cores) or None (torch's "
+                f"own count), got {self.threads!r}"
+            )
+        if self.threads != "auto" and not isinstance(self.threads, ThreadChoice):
             optional_integer("TrainConfig.threads", self.threads, 1)
         for name in ("compile", "progress", "greater_is_better", "ddp_find_unused_parameters",
                      "ddp_static_graph", "export", "async_checkpoint"):  # fmt: skip

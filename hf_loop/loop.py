@@ -235,10 +235,7 @@ def train(
     env = env or DistEnv(device=default_device())
     feed = Feed(train_loader, env, config.grad_accum)
     _check_arguments(config, feed, train_loader, eval_loader)
-    if config.threads is not None and env.device.type == "cpu":
-        chosen = threads.apply(None if config.threads == "auto" else config.threads, env=env,
-                               num_workers=getattr(train_loader, "num_workers", 0))  # fmt: skip
-        logger.info("cpu: %s", chosen)
+    watch = _threads(config, env, train_loader)
     raw = model.to(env.device)
     state = TrainState()
     scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None  # the loop owns it
@@ -272,6 +269,7 @@ def train(
                         continue
                     state.step, state.bad_steps = state.step + 1, 0
                     report.stepped()
+                    watch.check()  # threads="auto": at most once a second, fewer threads while others take CPUs
                     epoch_end = feed.ended
                     if log_now:  # the only host sync of a default step
                         report.log(state.step, epoch, optimizer.param_groups[0]["lr"], norm)
@@ -323,6 +321,19 @@ def _resume(checkpoints: Checkpointer, states: dict[str, Any], feed: Feed, confi
     elif state.stop_reason != "early_stopping":
         state.stop_reason = None
     return total
+
+
+def _threads(config: TrainConfig, env: DistEnv, loader: Any) -> threads.Watch:
+    """Apply ``TrainConfig.threads`` on CPU; the Watch keeps an "auto" choice fitted to the idle CPUs (for any
+    other setting it does nothing)."""
+    if config.threads is None or env.device.type != "cpu":
+        return threads.Watch(None)
+    if isinstance(config.threads, threads.ThreadChoice):  # applied already (the CLI prints it first)
+        return threads.Watch(config.threads)
+    requested = None if config.threads == "auto" else config.threads
+    chosen = threads.apply(requested, env=env, num_workers=getattr(loader, "num_workers", 0))
+    logger.info("cpu: %s", chosen)
+    return threads.Watch(chosen)
 
 
 def _count_bad_step(state: TrainState, config: TrainConfig) -> None:

@@ -18,8 +18,10 @@ is chosen, and OpenMP's waiting is left as it is:
 2. else the physical cores of this process's CPU affinity (``os.sched_getaffinity``: taskset, cgroups, Slurm),
    shared among the ranks on this machine and minus one core per DataLoader worker;
 3. capped by the CPUs other processes leave idle, sampled from ``/proc/stat`` for a quarter of a second when
-   the choice is made (Linux; elsewhere no cap). Load that arrives later is not seen: on machines where it comes
-   and goes, ``GOMP_SPINCOUNT=1000`` in the environment before torch starts caps the damage at ~1.4x for ~5%.
+   the choice is made (Linux; elsewhere no cap).
+4. while training (``TrainConfig(threads="auto")``, the CLI's default), :class:`Watch` re-reads the idle CPUs
+   after an optimizer step at most once a second: load that arrives later lowers the count at once, and once
+   it has gone for two checks in a row the count goes back up (never above the choice of 2).
 
 Example:
     >>> choice = choose(requested=2)
@@ -31,20 +33,24 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hf_loop.dist import DistEnv
 
-__all__ = ["ThreadChoice", "apply", "choose", "idle_cpus", "physical_cores"]
+__all__ = ["ThreadChoice", "Watch", "apply", "choose", "idle_cpus", "physical_cores"]
 
 SAMPLE_SECONDS = 0.25  # long enough for ~25 scheduler ticks per CPU, short enough to go unnoticed at start
+logger = logging.getLogger("hf_loop")
+
+CHECK_SECONDS = 1.0  # a Watch ignores checks closer together than this: too few ticks to tell load from noise
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,14 @@ class ThreadChoice:
     ranks: int = 1
     workers: int = 0
     idle: float | None = None
+
+    @property
+    def ceiling(self) -> int:
+        """The most threads the cores allow before looking at other processes (the count itself unless chosen
+        from the cores)."""
+        if self.source != "cores" or self.cores is None:
+            return self.threads
+        return max(1, self.cores // self.ranks - self.workers)
 
     def __str__(self) -> str:
         text = f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
@@ -113,6 +127,31 @@ def _cpu_ticks(cpus: Collection[int]) -> tuple[int, int] | None:
     return (idle, total) if total else None
 
 
+@dataclass(frozen=True)
+class _Sample:
+    """The CPUs' tick counters, this process's CPU seconds and the clock, at one moment."""
+
+    ticks: tuple[int, int]  # (idle, total) of the CPUs, from /proc/stat
+    own: float  # this process's user + system seconds, every thread
+    wall: float
+
+    @classmethod
+    def now(cls, cpus: Collection[int]) -> _Sample | None:
+        ticks, own = _cpu_ticks(cpus), os.times()
+        return None if ticks is None else cls(ticks, own.user + own.system, time.monotonic())
+
+    def idle_since(self, before: _Sample, cpus: int, ranks: int = 1) -> float | None:
+        """CPUs that other processes left idle between ``before`` and this sample. Ours count as idle, and so
+        do the other local ranks' (``ranks`` - 1 processes, assumed to use what this one does): the ranks
+        share the CPUs, they do not compete for them."""
+        if self.ticks[1] == before.ticks[1]:
+            return None
+        # a share of ticks, so no clock rate is needed
+        share_idle = (self.ticks[0] - before.ticks[0]) / (self.ticks[1] - before.ticks[1])
+        own = (self.own - before.own) / max(self.wall - before.wall, 1e-9)
+        return min(float(cpus), share_idle * cpus + own * ranks)
+
+
 def idle_cpus(cpus: Collection[int], seconds: float = SAMPLE_SECONDS) -> float | None:
     """How many of ``cpus`` other processes leave idle: sampled from /proc/stat over ``seconds``.
 
@@ -124,17 +163,24 @@ def idle_cpus(cpus: Collection[int], seconds: float = SAMPLE_SECONDS) -> float |
         >>> idle is None or 0.0 <= idle <= 1.0
         True
     """
-    before, own_before, started = _cpu_ticks(cpus), os.times(), time.monotonic()
+    before = _Sample.now(cpus)
     if before is None:
         return None
     time.sleep(seconds)
-    after, own_after = _cpu_ticks(cpus), os.times()
-    if after is None or after[1] == before[1]:
-        return None
-    share_idle = (after[0] - before[0]) / (after[1] - before[1])  # ticks, so no clock rate is needed
-    elapsed = max(time.monotonic() - started, 1e-9)
-    own = (own_after.user - own_before.user + own_after.system - own_before.system) / elapsed
-    return min(float(len(cpus)), share_idle * len(cpus) + own)
+    after = _Sample.now(cpus)
+    return None if after is None else after.idle_since(before, len(cpus))
+
+
+def _fit(ceiling: int, idle: float | None, ranks: int) -> int:
+    """At most ``ceiling`` threads, and no more than this rank's share of the idle CPUs: half an idle CPU or
+    less is no room for a thread that must keep pace with the others."""
+    if idle is None:
+        return ceiling
+    return max(1, min(ceiling, math.floor(idle / ranks + 0.5)))
+
+
+def _affinity() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def _local_ranks(env: DistEnv | None) -> int:
@@ -178,13 +224,10 @@ def choose(
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
         return ThreadChoice(int(omp), "OMP_NUM_THREADS")
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = _affinity()
     cores, ranks = physical_cores(cpus), _local_ranks(env)
-    threads = max(1, cores // ranks - num_workers)
     idle = idle_cpus(cpus, sample_seconds) if sample_seconds > 0 else None
-    if idle is not None:
-        # Half an idle CPU or less is no room for a thread that must keep pace with the others.
-        threads = max(1, min(threads, math.floor(idle / ranks + 0.5)))
+    threads = _fit(max(1, cores // ranks - num_workers), idle, ranks)
     return ThreadChoice(threads, "cores", cores=cores, ranks=ranks, workers=num_workers, idle=idle)
 
 
@@ -212,3 +255,68 @@ def apply(
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice
+
+
+class Watch:
+    """Keeps an automatic choice (source "cores") fitted to the idle CPUs while training; see the module docstring.
+
+    ``check()`` compares the CPU counters with those of the previous check (at least ``CHECK_SECONDS`` earlier)
+    and sets torch's thread count: lower at once when other processes took CPUs (two threads that wait for each
+    other on shared cores can run 5-60x slower), higher again only when two checks in a row found the room (one
+    busy interval should not make the count swing). Any other choice (requested, ``OMP_NUM_THREADS``, a single
+    core) is the user's or leaves nothing to adjust: ``check()`` then does nothing. Call it from the thread
+    that runs the model; the loop calls it after every optimizer step (a clock read, unless a second passed).
+
+    Example:
+        >>> watch = Watch(choose(requested=2))      # a requested count is never changed
+        >>> watch.active, watch.check()
+        (False, None)
+    """
+
+    def __init__(self, choice: ThreadChoice | None, cpus: Collection[int] | None = None) -> None:
+        self.choice = choice  # None: threads were not chosen here (torch's own count): nothing to watch
+        self.active = choice is not None and choice.source == "cores" and choice.ceiling > 1
+        self._cpus = set(cpus) if cpus is not None else _affinity()
+        self._last = _Sample.now(self._cpus) if self.active else None
+        self._room = 0  # checks in a row that found room for more threads
+
+    def check(self) -> ThreadChoice | None:
+        """Re-fit the thread count to the CPUs idle since the last check; the new choice when it changed."""
+        if not self.active or (self._last is not None and time.monotonic() - self._last.wall < CHECK_SECONDS):
+            return None
+        now = _Sample.now(self._cpus)
+        last, self._last = self._last, now
+        if now is None or last is None or self.choice is None:
+            return None
+        return self.fit(now.idle_since(last, len(self._cpus), self.choice.ranks))
+
+    def fit(self, idle: float | None) -> ThreadChoice | None:
+        """Apply a measured number of idle CPUs (what ``check`` measured); the new choice when it changed.
+
+        Example:
+            >>> import torch
+            >>> before = torch.get_num_threads()
+            >>> watch = Watch(ThreadChoice(2, "cores", cores=2, idle=2.0), cpus={0, 1})
+            >>> watch.fit(0.4).threads                  # others took the CPUs: down at once
+            1
+            >>> watch.fit(2.0), watch.fit(2.0).threads  # room again: up on the second check in a row
+            (None, 2)
+            >>> torch.set_num_threads(before)
+        """
+        choice = self.choice
+        if choice is None or not self.active:
+            return None
+        target = _fit(choice.ceiling, idle, choice.ranks)
+        self._room = self._room + 1 if target > choice.threads else 0
+        if target == choice.threads or (target > choice.threads and self._room < 2):
+            return None
+        import torch
+
+        torch.set_num_threads(target)
+        self._room = 0
+        self.choice = replace(choice, threads=target, idle=idle)
+        if target < choice.threads:
+            logger.warning("hf_loop: other processes took CPUs: %s (was %d)", self.choice, choice.threads)
+        else:
+            logger.info("hf_loop: the CPUs are idle again: %s (was %d)", self.choice, choice.threads)
+        return self.choice

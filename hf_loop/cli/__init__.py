@@ -72,7 +72,7 @@ def _finetune(args: argparse.Namespace) -> int:
         choice = threads.apply(args.threads, env=env, num_workers=args.num_workers)
         args.out_dir = args.out_dir or finetune.default_out_dir(env)
         started = time.perf_counter()
-        outcome = finetune.run(args, env, str(choice), log)
+        outcome = finetune.run(args, env, choice, log)
         if outcome.result.stop_reason in STOPPED:  # the first Ctrl-C (or SIGTERM): hl.train checkpointed
             if env.is_main:
                 error_line("finetune", output.stop_line(outcome))

@@ -24,6 +24,7 @@ from hf_loop.cli.data import Data, Tokenize, load_data
 from hf_loop.cli.output import Outcome, Plan, regression_scores
 from hf_loop.dist import DistEnv, broadcast_object
 from hf_loop.report import default_max_tokens, padding_waste
+from hf_loop.threads import ThreadChoice
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -180,10 +181,11 @@ def baseline(data: Data) -> dict[str, Any]:
 def run(
     args: Namespace,
     env: DistEnv,
-    cpu: str,
+    cpu: ThreadChoice,
     log: output.RunLog,
 ) -> Outcome:
-    """Train and evaluate; ``log`` prints the header and every log record (rank 0)."""
+    """Train and evaluate; ``log`` prints the header and every log record (rank 0). ``cpu``: the thread count
+    applied (the header prints it; ``hl.train`` keeps an automatic one fitted to the idle CPUs)."""
     data = load_data(args)
     if data.labels.regression and args.sampler == "weighted":
         raise UsageError(
@@ -195,7 +197,7 @@ def run(
         model = hl.shard(model, env, precision=args.precision,
                          activation_checkpointing=args.activation_checkpointing)  # fmt: skip
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 5e-5)
-    plan = Plan(steps=0, lr=lr, checkpoint_every=0, cpu=cpu, baseline=baseline(data))
+    plan = Plan(steps=0, lr=lr, checkpoint_every=0, cpu=str(cpu), baseline=baseline(data))
     train_loader, eval_loader = build_loaders(args, data, tokenizer, env, plan)
     plan.steps = args.max_steps or args.epochs * -(-len(train_loader) // args.grad_accum)
     plan.checkpoint_every = args.checkpoint_every or default_checkpoint_every(plan.steps)
@@ -212,6 +214,7 @@ def run(
         seed=args.seed,
         log_every=args.log_every,
         progress=False,  # the CLI prints its own log lines
+        threads=cpu,
     )
     log.start(output.header(args, data, model, env, plan), plan)
     metrics = None if data.labels.regression else CLASS_METRICS  # regression: RMSE and R^2 from the eval MSE
