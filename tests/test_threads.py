@@ -168,7 +168,7 @@ def test_local_ranks_share_the_idle_cpus_and_do_not_count_as_load(torch_threads)
 @pytest.mark.skipif(threads.physical_cores(CPUS) < 2, reason="needs 2 cores: one thread is all there is")
 def test_load_that_arrives_while_training_lowers_the_thread_count(torch_threads):
     """A run that chose 2 threads on idle cores; from step 2 other processes spin on every CPU. The watch reads
-    the idle CPUs at the next log step that is at least a second later, and the steps after run on 1 thread."""
+    the idle CPUs after the next step at least a second later, and the steps after run on 1 thread."""
     cores = threads.physical_cores(CPUS)
     choice = threads.ThreadChoice(cores, "cores", cores=cores, idle=float(len(CPUS)))
     torch.set_num_threads(cores)
@@ -186,8 +186,9 @@ def test_load_that_arrives_while_training_lowers_the_thread_count(torch_threads)
     config = hl.TrainConfig(max_steps=6, log_every=1, progress=False, threads=choice)
     with load:
         hl.train(model, data, torch.optim.AdamW(model.parameters(), lr=1e-3), config, on_log=on_log)
-    assert counts[1] == counts[2] == cores  # applied as given: not chosen again
-    assert counts[4] == counts[5] == counts[6] == 1  # lowered at the check of step 3 (or 2)
+    # lowered at the check of step 3 at the latest (earlier when the machine was busy before the spinners);
+    # without the watch every step would run on the threads the choice set
+    assert counts[4] == counts[5] == counts[6] == 1 < cores
 
 
 def test_train_config_threads(torch_threads):
