@@ -278,16 +278,19 @@ class Watch:
         self.active = choice is not None and choice.source == "cores" and choice.ceiling > 1
         self._cpus = set(cpus) if cpus is not None else _affinity()
         self._last = _Sample.now(self._cpus) if self.active else None
+        self.active = self._last is not None  # no /proc/stat (not Linux): nothing to measure, ever
         self._room = 0  # checks in a row that found room for more threads
 
     def check(self) -> ThreadChoice | None:
         """Re-fit the thread count to the CPUs idle since the last check; the new choice when it changed."""
-        if not self.active or (self._last is not None and time.monotonic() - self._last.wall < CHECK_SECONDS):
+        last = self._last
+        if last is None or self.choice is None or time.monotonic() - last.wall < CHECK_SECONDS:
             return None
         now = _Sample.now(self._cpus)
-        last, self._last = self._last, now
-        if now is None or last is None or self.choice is None:
+        if now is None:  # /proc/stat became unreadable: stop, rather than retry it after every step
+            self.active, self._last = False, None
             return None
+        self._last = now
         return self.fit(now.idle_since(last, len(self._cpus), self.choice.ranks))
 
     def fit(self, idle: float | None) -> ThreadChoice | None:

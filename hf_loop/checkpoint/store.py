@@ -208,8 +208,9 @@ def read(
     """Check ``name``'s size and sha256 against the manifest, then unpickle it (weights_only).
 
     A small file is read once into memory, checked and unpickled from there. A large one is hashed in one read
-    that overlaps hashing with reading, then mapped (``torch.load(mmap=True)``): its tensors are views of the
-    file just verified (checkpoint files are never written again), so it is not read a second time.
+    that overlaps hashing with reading, then mapped (``torch.load`` with ``weights_only=True, mmap=True``):
+    its tensors are views of the file just verified (checkpoint files are never written again), so it is not
+    read a second time.
 
     Raises:
         CorruptCheckpoint: missing manifest or file, wrong size or checksum, or a payload weights_only refuses.
